@@ -1,0 +1,39 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both create .venv when missing.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+# torch/torchvision pinned to the builds this project is developed against; pyproject keeps ranges.
+TORCH   ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup demo test test-slow lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[dev,local]'
+	touch $(STAMP)
+
+# The embedded default: small batch vs large batch (baseline, +LR, +GBN, +RA) on scikit-learn's digits,
+# then the Table-1 style summary and figures.
+demo: $(STAMP)
+	$(BIN)/lbtrain -m sweep=demo
+	$(BIN)/lbtrain-report outputs/digits --out outputs/digits/report
+
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/pytest -q -m slow
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	$(BIN)/python scripts/bench.py
+
+clean:
+	rm -rf outputs/* $(VENV)

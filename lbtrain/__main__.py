@@ -1,0 +1,3 @@
+from lbtrain.cli import main
+
+main()

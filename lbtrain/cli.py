@@ -1,0 +1,124 @@
+"""`lbtrain` command line: Hydra composes the config, we validate it, then Trainer runs it.
+
+Every user mistake (bad override, unknown option, meaningless value, missing data, foreign checkpoint)
+ends as one line on stderr, `lbtrain: error: <key>=<value>: <what is allowed>`, with exit code 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, MissingConfigException
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lbtrain import distributed, regime
+from lbtrain.config import ConfigError, register_configs, validate
+from lbtrain.data import DatasetNotFoundError
+
+log = logging.getLogger("lbtrain")
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+USER_ERRORS = (ConfigError, DatasetNotFoundError)
+
+
+def setup_hydra() -> None:
+    """Register the schema and the resolvers the YAML files use (idempotent)."""
+    register_configs()
+    if not OmegaConf.has_resolver("lbtrain_effective"):
+        OmegaConf.register_new_resolver(
+            "lbtrain_effective", lambda key, *, _root_: regime.effective(_root_, key))
+    if not OmegaConf.has_resolver("lbtrain_run_name"):
+        OmegaConf.register_new_resolver("lbtrain_run_name", lambda overrides: overrides or "default")
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> dict[str, Any] | None:
+    from lbtrain.trainer import run  # heavy imports only once the config is known to be valid
+
+    distributed.export_slurm_env()
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        validate(cfg, distributed.env_world().world)
+        results = run(cfg, run_dir)
+    except USER_ERRORS as e:
+        if multirun:  # record and let the other jobs of the sweep go on
+            log.error("job %s failed: %s", run_dir, e)
+        raise
+    except Exception as e:
+        log.error("job %s failed: %s: %s (details in %s)", run_dir, type(e).__name__, e, run_dir / "results.json")
+        raise
+    if distributed.env_world().main:
+        err = results.get("final_val_error")
+        log.info("%s: %s after %d updates, val error %s, results in %s", cfg.name, results["status"],
+                 results["updates"], f"{err:.4f}" if err is not None else "n/a", run_dir)
+    return results
+
+
+def one_line(e: BaseException) -> str:
+    """A user-facing single line for a Hydra/OmegaConf/lbtrain error."""
+    chain, seen = [], e
+    while seen is not None:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for err in chain:
+        if isinstance(err, USER_ERRORS):
+            return str(err)
+    for err in chain:
+        if isinstance(err, MissingConfigException):
+            m = re.search(r"Could not find '([^']+)/([^']+)'", str(err))
+            if m and err.options:
+                return f"{m.group(1)}={m.group(2)}: unknown option; allowed: {', '.join(sorted(err.options))}"
+            return str(err).strip().splitlines()[0]
+    for err in chain:
+        if isinstance(err, OmegaConfBaseException) and getattr(err, "full_key", None):
+            msg = str(err).split("\n")[0].strip()
+            if "not in struct" in msg:
+                return f"{err.full_key}: unknown key (use an existing key; see `lbtrain --cfg job`)"
+            return f"{err.full_key}: {msg}"
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return first
+
+
+def main() -> None:
+    """Console entry point (`lbtrain`, `python -m lbtrain`)."""
+    setup_hydra()
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # exceptions reach us instead of Hydra's multi-line report
+    argv = sys.argv[1:]
+    if any(a in ("--cfg", "-c") for a in argv) and "--resolve" not in argv:
+        sys.argv.append("--resolve")  # show the effective values, not interpolation strings
+    if not distributed.env_world().main:
+        # only rank 0 writes: no .hydra/ copy and no log file from the other ranks
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled"]
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    try:
+        _hydra_main()
+    except USER_ERRORS + (HydraException, OmegaConfBaseException) as e:
+        if multirun:
+            sys.stderr.write(f"lbtrain: error: some jobs of the multirun failed; first failure: {one_line(e)}\n")
+            sys.exit(1)
+        sys.stderr.write(f"lbtrain: error: {one_line(e)}\n")
+        sys.exit(2)
+    except Exception as e:
+        if multirun:  # each job already logged its failure and wrote its results.json
+            sys.stderr.write(f"lbtrain: error: some jobs of the multirun failed; first failure: {one_line(e)}\n")
+            sys.exit(1)
+        raise
+    except BaseException as e:
+        from lbtrain.trainer import Interrupted
+
+        if isinstance(e, Interrupted):
+            sys.exit(128 + e.signum)
+        raise
+
+
+if __name__ == "__main__":
+    main()

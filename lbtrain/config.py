@@ -1,0 +1,213 @@
+"""Typed configuration schema (Hydra ConfigStore) and the checks Hydra's types cannot express.
+
+The YAML files under `configs/` fill these dataclasses; OmegaConf rejects wrong types and unknown keys,
+`validate()` rejects values that are well-typed but meaningless (batch < 1, lr <= 0, ...). Both kinds of
+mistake reach the user as one line through `ConfigError` (see cli.py).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration: `key`, the offending `value` and what is allowed."""
+
+    def __init__(self, key: str, value: Any, allowed: str):
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"{key}={value!r}: {allowed}")
+
+
+class LRScaling(Enum):
+    none = "none"
+    sqrt = "sqrt"  # Hoffer et al.: keep the covariance of the update
+    linear = "linear"  # Goyal et al.: keep the mean update, usually with warm-up
+
+
+class Precision(Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "digits"  # digits | mnist | fashion_mnist | cifar10 | cifar100 | imagenet | synthetic
+    root: str | None = None  # None: $LBTRAIN_DATA, else ./data
+    download: bool = False
+    augment: bool = False  # pad-4 random crop + horizontal flip
+    # synthetic only
+    shape: list[int] = field(default_factory=lambda: [3, 32, 32])
+    num_classes: int = 10
+    train_size: int = 1024
+    val_size: int = 256
+    # imagenet only
+    image_size: int = 224
+    workers: int = 8
+
+
+@dataclass
+class ModelConfig:
+    name: str = "fc"
+    # model-specific keyword arguments (depth, widen, hidden, ...); see lbtrain/models
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LRPoint:
+    epoch: float = 0.0
+    lr: float = MISSING
+
+
+@dataclass
+class BaseRecipe:
+    """The small-batch reference recipe that every regime is derived from."""
+
+    batch: int = 128  # B_S
+    lr: float = 0.1
+    milestones: list[float] = field(default_factory=list)  # epochs where the LR is multiplied by gamma
+    gamma: float = 0.1
+    # Alternative to milestones+gamma: explicit piecewise-constant schedule [{epoch, lr}, ...]
+    lr_schedule: list[LRPoint] | None = None
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = False
+    epochs: float = 200
+    grad_clip: float | None = 5.0  # max gradient norm; null disables clipping
+
+
+@dataclass
+class RegimeConfig:
+    """Independent fields; the presets in configs/regime/ are compositions of them."""
+
+    name: str = "baseline"
+    lr_scaling: LRScaling = LRScaling.none
+    ghost_bn: bool = False
+    adapt_epochs: bool = False  # Hoffer et al.'s regime adaptation: epochs and milestones x r
+    batch_increase: bool = False  # Smith et al.: multiply the batch instead of dropping the LR
+    max_batch: int | None = None  # hybrid: past this batch, drop the LR instead (default: dataset size)
+    warmup_epochs: float = 0.0  # linear warm-up from base.lr to the scaled LR
+
+
+@dataclass
+class CheckpointConfig:
+    every_epochs: int = 1  # 0 disables the epoch cadence
+    every_steps: int = 0  # 0 disables the update cadence
+
+
+@dataclass
+class Config:
+    name: str = "digits"  # experiment name, used in run folders and reports
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    base: BaseRecipe = field(default_factory=BaseRecipe)
+    regime: RegimeConfig = field(default_factory=RegimeConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    batch: int = "${base.batch}"  # type: ignore[assignment]  # B_L, the global batch
+    ghost_batch: int = "${base.batch}"  # type: ignore[assignment]
+    micro_batch: int | None = None  # gradient accumulation chunk (per rank)
+    epochs: float | None = None  # replaces base.epochs, scaling its milestones
+    max_steps: int | None = None  # stop after this many updates (smoke runs)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    deterministic: bool = False
+    precision: Precision = Precision.fp32
+    channels_last: bool = False
+    compile: bool = False
+    log_every: int = 50  # updates between train/* scalars
+    eval_every: int = 1  # epochs between validations; 0: only at the end
+    diverge_loss: float = 1e4  # a train loss above this (or non-finite) marks the run diverged
+    progress: bool | None = None  # tqdm bar; null: only when stderr is a terminal
+    resume: str | None = None  # checkpoint to resume from; default: the run folder's own
+    effective: dict[str, Any] = field(default_factory=dict)  # derived values, shown by --cfg job
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="lbtrain_schema", node=Config)
+
+
+DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagenet", "synthetic")
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+
+
+def _positive_int(key: str, value: Any) -> None:
+    if value is None or not isinstance(value, int) or value < 1:
+        raise ConfigError(key, value, "must be an integer >= 1")
+
+
+def _positive(key: str, value: Any, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise ConfigError(key, value, "must be a number >= 0" if allow_zero else "must be a number > 0")
+
+
+def validate(cfg: Any, world_size: int = 1) -> None:
+    """Reject meaningful-but-wrong values before any work is done (raises ConfigError)."""
+    from lbtrain.models import MODEL_NAMES  # models sit on the same floor; import lazily for start-up
+
+    if cfg.dataset.name not in DATASETS:
+        raise ConfigError("dataset.name", cfg.dataset.name, f"allowed: {', '.join(DATASETS)}")
+    if cfg.model.name not in MODEL_NAMES:
+        raise ConfigError("model.name", cfg.model.name, f"allowed: {', '.join(MODEL_NAMES)}")
+    if not _DEVICE.match(str(cfg.device)):
+        raise ConfigError("device", cfg.device, "allowed: auto, cpu, cuda, cuda:N")
+    for key in ("batch", "ghost_batch", "base.batch", "log_every"):
+        _positive_int(key, _get(cfg, key))
+    for key in ("base.lr", "base.epochs"):
+        _positive(key, _get(cfg, key))
+    if cfg.epochs is not None:
+        _positive("epochs", cfg.epochs)
+    for key in ("base.momentum", "base.weight_decay", "regime.warmup_epochs", "eval_every",
+                "checkpoint.every_epochs", "checkpoint.every_steps"):
+        _positive(key, _get(cfg, key), allow_zero=True)
+    if not 0 <= cfg.base.momentum < 1:
+        raise ConfigError("base.momentum", cfg.base.momentum, "must be in [0, 1)")
+    if cfg.base.nesterov and cfg.base.momentum == 0:
+        raise ConfigError("base.nesterov", True, "needs base.momentum > 0")
+    if cfg.base.grad_clip is not None:
+        _positive("base.grad_clip", cfg.base.grad_clip)
+    if not 0 < cfg.base.gamma <= 1:
+        raise ConfigError("base.gamma", cfg.base.gamma, "must be in (0, 1]")
+    if any(not isinstance(m, (int, float)) or m < 0 for m in cfg.base.milestones):
+        raise ConfigError("base.milestones", list(cfg.base.milestones), "must be epochs >= 0")
+    if list(cfg.base.milestones) != sorted(cfg.base.milestones):
+        raise ConfigError("base.milestones", list(cfg.base.milestones), "must be in increasing order")
+    if cfg.base.lr_schedule is not None:
+        points = list(cfg.base.lr_schedule)
+        epochs = [p.epoch for p in points]
+        if not points or epochs[0] != 0 or epochs != sorted(epochs):
+            raise ConfigError("base.lr_schedule", "...", "must start at epoch 0 with increasing epochs")
+        for p in points:
+            _positive("base.lr_schedule.lr", p.lr)
+    if cfg.max_steps is not None:
+        _positive_int("max_steps", cfg.max_steps)
+    _positive("diverge_loss", cfg.diverge_loss)
+
+    per_rank = cfg.batch // world_size
+    if cfg.batch % world_size:
+        raise ConfigError("batch", cfg.batch, f"must be divisible by the number of processes ({world_size})")
+    if cfg.micro_batch is not None:
+        _positive_int("micro_batch", cfg.micro_batch)
+        if per_rank % cfg.micro_batch:
+            raise ConfigError("micro_batch", cfg.micro_batch, f"must divide the per-process batch ({per_rank})")
+    if cfg.regime.ghost_bn:
+        chunk = cfg.micro_batch or per_rank
+        if chunk % cfg.ghost_batch:
+            what = "micro_batch" if cfg.micro_batch else ("per-process batch" if world_size > 1 else "batch")
+            raise ConfigError("ghost_batch", cfg.ghost_batch, f"must divide the {what} ({chunk})")
+    if cfg.regime.max_batch is not None:
+        _positive_int("regime.max_batch", cfg.regime.max_batch)
+        if cfg.regime.max_batch < cfg.batch:
+            raise ConfigError("regime.max_batch", cfg.regime.max_batch, f"must be >= batch ({cfg.batch})")
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg

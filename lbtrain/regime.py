@@ -1,0 +1,198 @@
+"""The arithmetic of every regime: update -> LR, epoch -> batch, how many updates. Pure functions.
+
+A run is planned once, from the config and the training-set size, into a `Plan`. Rounding rules:
+- a milestone at (fractional) epoch e falls on update `start(floor(e)) + round(frac(e) * steps(floor(e)))`,
+  so LR changes land on whole updates; the run's length uses the same rule for its last epoch;
+- every epoch has `train_size // batch` updates (the last partial batch is dropped, so each step has
+  exactly `batch` samples, which ghost batch norm needs);
+- the batch only changes at epoch boundaries: a batch-increase milestone at epoch e takes effect from
+  epoch ceil(e).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from lbtrain.config import ConfigError, LRScaling
+
+# Training-set sizes, so `--cfg job` can show the effective schedule before any data is loaded.
+KNOWN_TRAIN_SIZES = {
+    "digits": 1536,
+    "mnist": 60000,
+    "fashion_mnist": 60000,
+    "cifar10": 50000,
+    "cifar100": 50000,
+    "imagenet": 1281167,
+}
+
+
+def _enum_name(value: Any) -> str:
+    return value.name if hasattr(value, "name") else str(value)
+
+
+@dataclass(frozen=True)
+class Plan:
+    train_size: int
+    r: float  # batch / base.batch
+    start_lr: float  # the LR warm-up starts from (the unscaled base LR)
+    lr: float  # the scaled LR of the first phase
+    epochs: float
+    momentum: float
+    ghost_batch: int | None
+    epoch_batches: tuple[int, ...]  # batch of epoch i
+    epoch_steps: tuple[int, ...]  # updates in epoch i
+    epoch_start: tuple[int, ...]  # first update of epoch i
+    total_updates: int
+    lr_updates: tuple[int, ...]  # updates where a piecewise-constant LR phase starts (first is 0)
+    lr_values: tuple[float, ...]
+    warmup_updates: int
+
+    def lr_at(self, update: int) -> float:
+        """LR used by the optimizer step that produces update number `update + 1` (0-based step)."""
+        lr = self.lr_values[bisect.bisect_right(self.lr_updates, update) - 1]
+        if update < self.warmup_updates:
+            lr = self.start_lr + (lr - self.start_lr) * update / self.warmup_updates
+        return lr
+
+    def epoch_of(self, update: int) -> int:
+        return max(bisect.bisect_right(self.epoch_start, update) - 1, 0)
+
+    def batch_at_epoch(self, epoch: int) -> int:
+        return self.epoch_batches[min(epoch, len(self.epoch_batches) - 1)]
+
+    def batch_at(self, update: int) -> int:
+        return self.batch_at_epoch(self.epoch_of(update))
+
+    def noise_scale(self, update: int) -> float:
+        """Smith et al.'s SGD noise scale g = lr N / (B (1 - m))."""
+        return self.lr_at(update) * self.train_size / (self.batch_at(update) * (1 - self.momentum))
+
+    @property
+    def num_epochs(self) -> int:
+        """Epochs touched by the run (the last one may be partial)."""
+        return len(self.epoch_steps)
+
+    def summary(self) -> dict[str, Any]:
+        """The effective values, for `--cfg job` and results.json."""
+        changes = [[0, self.epoch_batches[0]]] + [
+            [i, b] for i, b in enumerate(self.epoch_batches) if i and b != self.epoch_batches[i - 1]
+        ]
+        return {
+            "lr": self.lr,
+            "epochs": self.epochs,
+            "updates": self.total_updates,
+            "ghost_batch": self.ghost_batch,
+            "batch_schedule": changes,  # [[epoch, batch], ...]
+            "lr_schedule": [[u, v] for u, v in zip(self.lr_updates, self.lr_values)],  # [[update, lr], ...]
+            "warmup_updates": self.warmup_updates,
+        }
+
+
+def base_schedule(base: Any) -> list[tuple[float, float]]:
+    """The small-batch recipe as [(epoch, lr), ...] starting at epoch 0."""
+    if base.lr_schedule is not None:
+        return [(float(p.epoch), float(p.lr)) for p in base.lr_schedule]
+    points = [(0.0, float(base.lr))]
+    for m in base.milestones:
+        points.append((float(m), points[-1][1] * base.gamma))
+    return points
+
+
+def lr_factor(scaling: Any, r: float) -> float:
+    scaling = _enum_name(scaling)
+    return {"none": 1.0, "sqrt": math.sqrt(r), "linear": r}[LRScaling[scaling].value]
+
+
+def make_plan(cfg: Any, train_size: int, world_size: int = 1) -> Plan:
+    """Plan a run: every LR phase, every epoch's batch and number of updates."""
+    base, regime = cfg.base, cfg.regime
+    r = cfg.batch / base.batch
+    # `epochs=N` shortens/extends the recipe keeping its shape: milestones scale with it.
+    stretch = (cfg.epochs / base.epochs) if cfg.epochs is not None else 1.0
+    if regime.adapt_epochs:
+        stretch *= r  # Hoffer et al.'s regime adaptation: as many updates as the small batch
+    epochs = base.epochs * stretch
+    k = lr_factor(regime.lr_scaling, r)
+    phases = [(e * stretch, lr * k) for e, lr in base_schedule(base)]
+
+    # Smith et al.: turn LR drops into batch increases until max_batch, then drop the LR (hybrid).
+    batch_changes: list[tuple[int, int]] = []  # (epoch, new batch)
+    if regime.batch_increase:
+        max_batch = min(regime.max_batch or train_size, train_size)
+        batch, lr_phases = cfg.batch, [phases[0]]
+        for (_, prev), (e, lr) in zip(phases, phases[1:]):
+            factor = prev / lr  # the recipe's drop at this milestone (5 in Smith et al.)
+            grown = round(batch * factor)
+            if factor > 1 and grown <= max_batch:
+                batch = grown
+                batch_changes.append((math.ceil(e - 1e-9), batch))
+            else:
+                lr_phases.append((e, lr_phases[-1][1] / factor))
+        phases = lr_phases
+
+    n_epochs = max(math.ceil(epochs - 1e-9), 1)
+    batches, b = [], cfg.batch
+    changes = dict(batch_changes)
+    for i in range(n_epochs):
+        b = changes.get(i, b)
+        batches.append(b)
+    ghost = cfg.ghost_batch if regime.ghost_bn else None
+    for i, b in enumerate(batches):
+        if b > train_size:
+            raise ConfigError("batch", b, f"exceeds the training set size ({train_size})")
+        if b % world_size:
+            raise ConfigError("batch", b, f"(epoch {i}) must be divisible by the number of processes ({world_size})")
+        if ghost and (b // world_size) % ghost:
+            raise ConfigError("ghost_batch", ghost, f"must divide the per-process batch of epoch {i} ({b // world_size})")
+    steps = [train_size // b for b in batches]
+    starts = [0]
+    for s in steps[:-1]:
+        starts.append(starts[-1] + s)
+
+    def update_of(epoch: float) -> int:
+        i = min(int(math.floor(epoch + 1e-9)), n_epochs)
+        if i >= n_epochs:
+            return starts[-1] + steps[-1]
+        return starts[i] + round((epoch - i) * steps[i])
+
+    total = update_of(epochs)
+    steps[-1] = total - starts[-1]  # a fractional last epoch is partial
+    lr_updates, lr_values = [], []
+    for e, lr in phases:
+        u = update_of(e)
+        if lr_updates and u == lr_updates[-1]:
+            lr_values[-1] = lr  # two milestones on one update: the later wins
+        else:
+            lr_updates.append(u)
+            lr_values.append(lr)
+    return Plan(
+        train_size=train_size,
+        r=r,
+        start_lr=float(phases[0][1] / k),
+        lr=float(phases[0][1]),
+        epochs=float(epochs),
+        momentum=float(base.momentum),
+        ghost_batch=ghost,
+        epoch_batches=tuple(batches),
+        epoch_steps=tuple(steps),
+        epoch_start=tuple(starts),
+        total_updates=total,
+        lr_updates=tuple(lr_updates),
+        lr_values=tuple(lr_values),
+        warmup_updates=update_of(regime.warmup_epochs) if regime.warmup_epochs else 0,
+    )
+
+
+def effective(cfg: Any, key: str) -> Any:
+    """OmegaConf resolver body: one effective value of the planned run (for `lbtrain --cfg job`)."""
+    name = cfg.dataset.name
+    size = cfg.dataset.train_size if name == "synthetic" else KNOWN_TRAIN_SIZES.get(name)
+    if size is None:
+        return None
+    try:
+        return make_plan(cfg, size).summary()[key]
+    except (ConfigError, ZeroDivisionError):
+        return None

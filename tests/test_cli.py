@@ -1,0 +1,57 @@
+"""User mistakes through the real CLI: one line on stderr naming the key, exit code 2, no traceback,
+and nothing written but Hydra's own files."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import run_cli
+
+BAD_INPUTS = [
+    # (overrides, text the one line must contain)
+    (["batch=abc"], "batch"),
+    (["seed=1.5"], "seed"),
+    (["regime=foo"], "regime=foo: unknown option; allowed: adapt, baseline"),
+    (["experiment=nope"], "experiment=nope: unknown option"),
+    (["bogus=1"], "bogus: unknown key"),
+    (["regime.lr_scaling=cube"], "regime.lr_scaling"),
+    (["batch=0"], "batch=0: must be an integer >= 1"),
+    (["ghost_batch=0", "regime=gbn"], "ghost_batch=0: must be an integer >= 1"),
+    (["batch=96", "ghost_batch=64", "regime=gbn"], "ghost_batch=64: must divide the batch (96)"),
+    (["micro_batch=7"], "micro_batch=7: must divide the per-process batch (16)"),
+    (["regime=batch_increase", "regime.max_batch=8"], "regime.max_batch=8: must be >= batch (16)"),
+    (["base.lr=-0.1"], "base.lr=-0.1: must be a number > 0"),
+    (["epochs=0"], "epochs=0: must be a number > 0"),
+    (["batch=4096"], "batch=4096: exceeds the training set size (1536)"),
+    (["device=tpu"], "device='tpu': allowed: auto, cpu, cuda"),
+    (["experiment=f1_mnist", "dataset.root=/nonexistent/data"], "/nonexistent/data"),
+    (["hydra.run.dir=/etc/hostname/run"], "/etc/hostname"),
+]
+
+
+@pytest.mark.parametrize("overrides,expected", BAD_INPUTS, ids=[" ".join(o) for o, _ in BAD_INPUTS])
+def test_bad_input_is_one_line(tmp_path, overrides, expected):
+    p = run_cli(*overrides, "max_steps=1", cwd=tmp_path, env={"LBTRAIN_DATA": str(tmp_path / "nodata")})
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2, p.stderr
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith("lbtrain: error: ") and expected in lines[0], lines[0]
+    assert "Traceback" not in p.stderr + p.stdout
+    assert not list(tmp_path.rglob("results.json"))
+    assert not list(tmp_path.rglob("events.out.tfevents*"))
+    assert not list(tmp_path.rglob("checkpoint.pt"))
+
+
+def test_missing_mnist_says_where_and_how(tmp_path):
+    p = run_cli("experiment=f1_mnist", cwd=tmp_path, env={"LBTRAIN_DATA": str(tmp_path / "empty")})
+    assert p.returncode == 2
+    line = p.stderr.strip()
+    assert str(tmp_path / "empty") in line
+    assert "dataset.root" in line and "dataset.download=true" in line and "LBTRAIN_DATA" in line
+
+
+def test_cfg_job_shows_effective_values(tmp_path):
+    p = run_cli("experiment=resnet44_cifar10", "batch=4096", "regime=adapt", "--cfg", "job", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "effective:" in p.stdout
+    assert "epochs: 6400.0" in p.stdout and "ghost_batch: 128" in p.stdout
+    assert "lr: 0.565685" in p.stdout  # 0.1 * sqrt(32)

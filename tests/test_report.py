@@ -1,0 +1,272 @@
+"""lbtrain.report on fake-but-real run folders: results.json files plus real TensorBoard event files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import runpy
+import statistics
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+from torch.utils.tensorboard import SummaryWriter
+
+from lbtrain import report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TRAIN_SIZE = 1024
+
+
+def make_run(root: Path, *, batch: int, regime: str, seed: int = 0, status: str = "completed",
+             error: float | None = 0.1, experiment: str = "digits", base_batch: int = 16,
+             epoch_batches: list[int] | None = None, log_every: int = 1,
+             dist_ab: tuple[float, float] = (0.5, 2.0), with_fit: bool = True, events: bool = True) -> Path:
+    """A run folder like the trainer's: results.json and TB scalars; epoch e has TRAIN_SIZE // batch_e steps.
+
+    The distance is a + b log t, logged at every update; opt/* every `log_every` updates; val/error per epoch.
+    """
+    d = root / experiment / f"batch={batch},regime={regime},seed={seed}"
+    d.mkdir(parents=True)
+    epoch_batches = epoch_batches or [batch, batch]
+    batches = [b for b in epoch_batches for _ in range(TRAIN_SIZE // b)]  # the batch of each update
+    updates = len(batches)
+    a, b = dist_ab
+    if events:
+        w = SummaryWriter(str(d))
+        w.add_scalar("weights/distance", 0.0, 0)
+        for t in range(1, updates + 1):
+            w.add_scalar("weights/distance", a + b * math.log(t), t)
+            if t % log_every == 0 or t == updates:
+                w.add_scalar("opt/batch_size", batches[t - 1], t)
+                w.add_scalar("opt/noise_scale", 0.1 * TRAIN_SIZE / (batches[t - 1] * 0.1), t)
+            if t % (TRAIN_SIZE // batches[t - 1]) == 0:
+                w.add_scalar("val/error", 0.5 / t**0.5, t)
+        w.close()
+    schedule = [[i, b] for i, b in enumerate(epoch_batches) if i == 0 or b != epoch_batches[i - 1]]
+    results = {
+        "status": status, "experiment": experiment, "dataset": "synthetic", "model": "mlp", "regime": regime,
+        "batch": batch, "base_batch": base_batch, "ghost_batch": None, "seed": seed, "lr": 0.1,
+        "final_val_error": error, "final_val_loss": 0.3, "best_val_error": error, "updates": updates,
+        "planned_updates": updates, "epochs": float(len(epoch_batches)), "wall_time_s": 1.5,
+        "images_per_sec": 1000.0, "final_distance": a + b * math.log(updates),
+        "distance_fit": ({"a": a, "b": b, "r2": 1.0, "points": updates} if with_fit
+                         else {"a": None, "b": None, "r2": None, "points": 0}),
+        "effective": {"lr": 0.1, "epochs": float(len(epoch_batches)), "updates": updates,
+                      "batch_schedule": schedule, "lr_schedule": [[0, 0.1]]},
+        "world_size": 1,
+    }
+    if status == "failed":
+        results["error"] = "RuntimeError: boom"
+    (d / "results.json").write_text(json.dumps(results))
+    return d
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    """B_S=16 baseline; B_L in {64, 128} x {baseline, adapt}; a failed +GBN and a diverged +LR job at 128."""
+    root = tmp_path / "outputs"
+    make_run(root, batch=16, regime="baseline", error=0.05)
+    errors = {(64, "baseline"): 0.12, (64, "adapt"): 0.06, (128, "baseline"): 0.2, (128, "adapt"): 0.07}
+    for (batch, regime), err in errors.items():
+        make_run(root, batch=batch, regime=regime, error=err)
+    make_run(root, batch=128, regime="gbn", status="failed", error=None, events=False)
+    make_run(root, batch=128, regime="sqrt_lr", status="diverged", error=0.9)
+    return root
+
+
+def acc(cell: str) -> float:
+    return float(cell.split()[0])
+
+
+def test_table1_shape_and_values(sweep: Path):
+    runs = report.find_runs([sweep])
+    assert len(runs) == 7
+    rows = report.table1(runs)
+    assert list(rows[0]) == ["experiment", "B_S", "B_L", "B_S baseline", "LB", "+LR", "+GBN", "+RA"]
+    assert [(r["experiment"], r["B_S"], r["B_L"]) for r in rows] == [("digits", 16, 64), ("digits", 16, 128)]
+    by_bl = {r["B_L"]: r for r in rows}
+    for r in rows:
+        assert acc(r["B_S baseline"]) == pytest.approx(95.0, abs=0.005)
+    results = [json.loads(f.read_text()) for f in sweep.rglob("results.json")]
+    results = {(r["batch"], r["regime"]): r for r in results}
+    for bl in (64, 128):
+        assert acc(by_bl[bl]["LB"]) == pytest.approx(100 * (1 - results[(bl, "baseline")]["final_val_error"]),
+                                                     abs=0.005)
+        assert acc(by_bl[bl]["+RA"]) == pytest.approx(100 * (1 - results[(bl, "adapt")]["final_val_error"]),
+                                                      abs=0.005)
+    assert by_bl[64]["+LR"] == "-" and by_bl[64]["+GBN"] == "-"
+    assert by_bl[128]["+LR"] == "diverged" and by_bl[128]["+GBN"] == "failed"
+
+    long = report.long_table(runs)
+    assert [(r["batch"], r["regime"]) for r in long] == [
+        (16, "baseline"), (64, "baseline"), (64, "adapt"),
+        (128, "baseline"), (128, "sqrt_lr"), (128, "gbn"), (128, "adapt")]
+    status = {(r["batch"], r["regime"]): r["status"] for r in long}
+    assert status[(128, "gbn")] == "failed" and status[(128, "sqrt_lr")] == "diverged"
+
+    # Written tables: the CSV holds the same cells, the Markdown is a pipe table with a header rule.
+    out = sweep / "report"
+    files = report.write_tables({"table1": rows, "runs": long}, out)
+    assert {f.name for f in files} == {"table1.md", "table1.csv", "runs.md", "runs.csv"}
+    with open(out / "table1.csv") as f:
+        assert [dict(r) for r in csv.DictReader(f)] == [{k: str(v) for k, v in r.items()} for r in rows]
+    md = (out / "table1.md").read_text().splitlines()
+    assert md[0] == "| experiment | B_S | B_L | B_S baseline | LB | +LR | +GBN | +RA |"
+    assert md[1].startswith("|---|") and len(md) == 2 + len(rows)
+    assert not list(out.glob(".*.tmp"))  # atomic writes leave no temporaries behind
+
+
+def test_other_regimes_come_after_the_papers(tmp_path: Path):
+    make_run(tmp_path, batch=16, regime="baseline")
+    for regime in ("linear", "hybrid", "adapt", "batch_increase", "my_regime", "baseline"):
+        make_run(tmp_path, batch=256, regime=regime, events=False)
+    rows = report.table1(report.find_runs([tmp_path]))
+    assert list(rows[0])[3:] == ["B_S baseline", "LB", "+RA", "batch_increase", "hybrid", "linear",
+                                 "my_regime"]
+
+
+def test_mean_std_over_seeds(tmp_path: Path):
+    make_run(tmp_path, batch=16, regime="baseline", seed=0, error=0.10, events=False)
+    make_run(tmp_path, batch=16, regime="baseline", seed=1, error=0.14, events=False)
+    make_run(tmp_path, batch=64, regime="adapt", seed=0, error=0.20, events=False)
+    make_run(tmp_path, batch=64, regime="adapt", seed=1, error=0.25, events=False)
+    make_run(tmp_path, batch=64, regime="adapt", seed=2, status="diverged", error=0.9, events=False)
+    runs = report.find_runs([tmp_path])
+    (row,) = report.table1(runs)
+    mean, std = statistics.fmean([90.0, 86.0]), statistics.stdev([90.0, 86.0])  # ddof=1
+    assert row["B_S baseline"] == f"{mean:.2f} ± {std:.2f}" == "88.00 ± 2.83"
+    assert row["+RA"] == "77.50 ± 3.54 (1 diverged)"  # only completed seeds are averaged
+
+    agg = {r["batch"]: r for r in report.aggregate_table(runs)}
+    assert agg[16]["seeds"] == 2 and agg[16]["status"] == "2 completed"
+    m, s = agg[16]["final_val_error"].split(" ± ")
+    assert float(m) == pytest.approx(0.12)
+    assert float(s) == pytest.approx(statistics.stdev([0.10, 0.14]), rel=1e-3)
+    assert agg[64]["status"] == "2 completed, 1 diverged"
+
+
+def test_distance_fit_recovers_a_and_b(tmp_path: Path):
+    # results.json without a fit: the report refits the logged distances with metrics.fit_log.
+    make_run(tmp_path, batch=64, regime="baseline", dist_ab=(0.3, 1.7), with_fit=False)
+    (run,) = report.find_runs([tmp_path])
+    fit = report.distance_fit(run)
+    assert fit["a"] == pytest.approx(0.3, abs=1e-4) and fit["b"] == pytest.approx(1.7, abs=1e-4)
+    assert fit["r2"] == pytest.approx(1.0, abs=1e-6)
+    (row,) = report.long_table([run])
+    assert row["fit_a"] == pytest.approx(0.3, abs=1e-4) and row["fit_b"] == pytest.approx(1.7, abs=1e-4)
+
+
+def test_read_scalars_honours_purge(tmp_path: Path):
+    w = SummaryWriter(str(tmp_path))
+    for t in range(50):
+        w.add_scalar("train/loss", 1.0, t)
+    w.close()
+    w = SummaryWriter(str(tmp_path), purge_step=30)  # what a resumed run writes: steps >= 30 are redone
+    for t in range(30, 40):
+        w.add_scalar("train/loss", 2.0, t)
+    w.close()
+    points = report.read_scalars(tmp_path, "train/loss")
+    assert [s for s, _ in points] == list(range(40))
+    assert {v for s, v in points if s >= 30} == {2.0}
+    assert report.read_scalars(tmp_path, "no/such_tag") == []
+
+
+def test_epochs_from_batch_size(tmp_path: Path):
+    const = make_run(tmp_path, batch=32, regime="baseline")
+    # Smith et al.: 64 updates of 16 (one epoch of 1024), 32 of 32, 16 of 64; opt/* logged every 20 updates
+    grow = make_run(tmp_path, batch=16, regime="batch_increase", epoch_batches=[16, 32, 64], log_every=20)
+    runs = {r.path: r for r in report.find_runs([tmp_path])}
+    assert list(report.epochs_at(runs[const], [0, 16, 32, 64])) == pytest.approx([0, 0.5, 1.0, 2.0])
+    epochs = report.epochs_at(runs[grow], [32, 64, 80, 96, 104, 112])
+    assert list(epochs) == pytest.approx([0.5, 1, 1.5, 2, 2.5, 3])
+
+    # a fractional last epoch (epochs=1.5: 32 + 16 updates of 32) counts in whole-epoch units
+    res_path = const / "results.json"
+    res = json.loads(res_path.read_text())
+    res["effective"].update(epochs=1.5, updates=48)
+    res.update(epochs=2.0, updates=48)  # what the trainer reports for a partial last epoch
+    res_path.write_text(json.dumps(res))
+    (run,) = report.find_runs([const])
+    assert list(report.epochs_at(run, [32, 40, 48])) == pytest.approx([1.0, 1.25, 1.5])
+
+    # no effective schedule: a constant batch, step * epochs / updates
+    del res["effective"]
+    res_path.write_text(json.dumps(res))
+    (run,) = report.find_runs([const])
+    assert list(report.epochs_at(run, [24, 48])) == pytest.approx([1.0, 2.0])
+
+
+def check_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    img = matplotlib.image.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+
+
+def test_figures(sweep: Path, tmp_path: Path):
+    runs = report.find_runs([sweep])
+    with_events = [r for r in runs if r.scalars("weights/distance")]
+    assert len(with_events) == 6  # the failed job logged nothing
+    for name in ("distance", "val_error_updates", "val_error_epochs"):
+        ax = report.make_figure(runs, name).axes[0]
+        assert len(ax.get_lines()) == len(with_events)
+        assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title()
+        labels = {t.get_text() for t in ax.get_legend().get_texts()}
+        assert {"B=64 adapt", "B=128 sqrt_lr (diverged)"} <= labels
+    assert report.make_figure(runs, "distance").axes[0].get_xscale() == "log"
+    assert min(report.make_figure(runs, "distance").axes[0].get_lines()[0].get_xdata()) >= 1  # no step 0
+
+    files = report.write_figures(runs, tmp_path / "fig")
+    assert sorted(f.name for f in files) == ["distance.png", "val_error_epochs.png", "val_error_updates.png"]
+    for f in files:
+        check_png(f)
+
+    # A batch-increase run adds the batch and noise-scale figures; two experiments prefix every file.
+    make_run(sweep, batch=16, regime="batch_increase", epoch_batches=[16, 32], log_every=20)
+    make_run(sweep, batch=64, regime="baseline", experiment="other")
+    files = report.write_figures(report.find_runs([sweep]), tmp_path / "fig2")
+    names = sorted(f.name for f in files)
+    assert "digits_batch_schedule.png" in names and "digits_noise_scale.png" in names
+    assert "other_distance.png" in names and "other_noise_scale.png" not in names
+    assert all(n.startswith(("digits_", "other_")) for n in names)
+    for f in files:
+        check_png(f)
+
+
+def test_seed_in_labels(tmp_path: Path):
+    make_run(tmp_path, batch=64, regime="adapt", seed=0)
+    make_run(tmp_path, batch=64, regime="adapt", seed=1)
+    make_run(tmp_path, batch=128, regime="baseline", seed=3, status="diverged")
+    ax = report.make_figure(report.find_runs([tmp_path]), "val_error_updates").axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "B=64 adapt seed=0", "B=64 adapt seed=1", "B=128 baseline (diverged)"]
+
+
+def test_cli(sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    out = tmp_path / "report"
+    assert report.main([str(sweep), "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert "| experiment | B_S | B_L | B_S baseline | LB | +LR | +GBN | +RA |" in stdout
+    assert "| digits | 128 | gbn | 0 | failed |" in stdout
+    for name in ("table1.md", "table1.csv", "runs.md", "runs.csv", "distance.png", "val_error_epochs.png"):
+        assert (out / name).is_file() and str(out / name) in stdout
+    assert (out / "table1.md").read_text() in stdout
+
+    # default output folder, and no figures
+    assert report.main([str(sweep), "--no-figures"]) == 0
+    assert (sweep / "report" / "table1.md").is_file() and not list((sweep / "report").glob("*.png"))
+
+
+def test_cli_without_results(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):
+    assert report.main([str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no results.json" in err and "Traceback" not in err
+    assert not (tmp_path / "report").exists()
+    # `python -m lbtrain.report` exits with main's code (run in-process: a subprocess would re-import torch)
+    monkeypatch.setattr(sys, "argv", ["lbtrain-report", str(tmp_path / "nothing")])
+    monkeypatch.delitem(sys.modules, "lbtrain.report")  # run it fresh as __main__, as `python -m` does
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("lbtrain.report", run_name="__main__")
+    assert exit_info.value.code == 1 and "no results.json" in capsys.readouterr().err
