@@ -18,15 +18,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, MissingConfigException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from lbtrain import distributed, regime
-from lbtrain.config import ConfigError, register_configs, validate
-from lbtrain.data import DatasetNotFoundError
+from lbtrain.config import ConfigError, DatasetNotFoundError, register_configs, validate
 
 log = logging.getLogger("lbtrain")
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 USER_ERRORS = (ConfigError, DatasetNotFoundError)
+_user_error: list[BaseException] = []
 
 
 def setup_hydra() -> None:
@@ -52,7 +52,9 @@ def _hydra_main(cfg: DictConfig) -> dict[str, Any] | None:
     except USER_ERRORS as e:
         if multirun:  # record and let the other jobs of the sweep go on
             log.error("job %s failed: %s", run_dir, e)
-        raise
+            raise
+        _user_error.append(e)  # reported by main() as one line (Hydra would add its own lines)
+        return None
     except Exception as e:
         log.error("job %s failed: %s: %s (details in %s)", run_dir, type(e).__name__, e, run_dir / "results.json")
         raise
@@ -81,8 +83,8 @@ def one_line(e: BaseException) -> str:
     for err in chain:
         if isinstance(err, OmegaConfBaseException) and getattr(err, "full_key", None):
             msg = str(err).split("\n")[0].strip()
-            if "not in struct" in msg:
-                return f"{err.full_key}: unknown key (use an existing key; see `lbtrain --cfg job`)"
+            if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
+                return f"{err.full_key}: unknown key (the valid keys are listed by `lbtrain --cfg job`)"
             return f"{err.full_key}: {msg}"
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return first
@@ -101,11 +103,19 @@ def main() -> None:
     multirun = any(a in ("-m", "--multirun") for a in argv)
     try:
         _hydra_main()
+        if _user_error:
+            raise _user_error[0]
     except USER_ERRORS + (HydraException, OmegaConfBaseException) as e:
         if multirun:
             sys.stderr.write(f"lbtrain: error: some jobs of the multirun failed; first failure: {one_line(e)}\n")
             sys.exit(1)
         sys.stderr.write(f"lbtrain: error: {one_line(e)}\n")
+        sys.exit(2)
+    except OSError as e:
+        if e.filename is None:
+            raise
+        sys.stderr.write(f"lbtrain: error: cannot write {e.filename}: {e.strerror} "
+                         "(choose a writable folder, e.g. hydra.run.dir=PATH)\n")
         sys.exit(2)
     except Exception as e:
         if multirun:  # each job already logged its failure and wrote its results.json

@@ -25,6 +25,10 @@ class ConfigError(ValueError):
         super().__init__(f"{key}={value!r}: {allowed}")
 
 
+class DatasetNotFoundError(RuntimeError):
+    """Dataset files missing (or download failed); the one-line message says where we looked and the fixes."""
+
+
 class LRScaling(Enum):
     none = "none"
     sqrt = "sqrt"  # Hoffer et al.: keep the covariance of the update

@@ -20,7 +20,6 @@ The "val" split of MNIST / Fashion-MNIST / CIFAR is the official test split.
 from __future__ import annotations
 
 import importlib.util
-
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -32,6 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lbtrain.config import DATASETS, DatasetNotFoundError
+
+__all__ = ["DATASETS", "DatasetNotFoundError", "load_dataset", "make_loaders", "DeviceLoader",
+           "ImageFolderLoader", "ArrayDataset", "ImageFolderDataset", "resolve_root"]
+
 PAD = 4  # pixels of zero padding for the random-crop augmentation (standard CIFAR recipe)
 
 # Published per-channel statistics, in [0, 1] pixel units.
@@ -40,13 +44,6 @@ FASHION_MNIST_STATS = ((0.2860,), (0.3530,))
 CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-
-DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagenet", "synthetic")
-
-
-class DatasetNotFoundError(RuntimeError):
-    """Dataset files missing (or download failed); the one-line message says where we looked and the fixes."""
-
 
 def resolve_root(root: str | os.PathLike[str] | None) -> Path:
     """Data root: `root` if given, else the LBTRAIN_DATA environment variable, else ./data (made absolute).

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,8 @@ def env_world() -> Dist:
 
 
 def init(device: torch.device) -> Dist:
+    import torch.distributed as dist  # torch is imported lazily so `lbtrain --help` and config errors are fast
+
     d = env_world()
     if d.enabled and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
@@ -50,6 +53,8 @@ def init(device: torch.device) -> Dist:
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
@@ -57,6 +62,9 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 def broadcast_flag(flag: bool, device: torch.device) -> bool:
     """True on every rank when it is true on any (e.g. a signal received by one process)."""
+    import torch
+    import torch.distributed as dist
+
     if not (dist.is_available() and dist.is_initialized()):
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=device)
@@ -65,10 +73,14 @@ def broadcast_flag(flag: bool, device: torch.device) -> bool:
 
 
 def barrier() -> None:
+    import torch.distributed as dist
+
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
 
 def shutdown() -> None:
+    import torch.distributed as dist
+
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -193,6 +193,9 @@ def effective(cfg: Any, key: str) -> Any:
     if size is None:
         return None
     try:
-        return make_plan(cfg, size).summary()[key]
+        value = make_plan(cfg, size).summary()[key]
     except (ConfigError, ZeroDivisionError):
         return None
+    if isinstance(value, list):  # OmegaConf value nodes hold scalars: show [[a, b], ...] as "a:b, ..."
+        return ", ".join(f"{a}:{b:.6g}" if isinstance(b, float) else f"{a}:{b}" for a, b in value)
+    return value

@@ -20,7 +20,7 @@ BAD_INPUTS = [
     (["micro_batch=7"], "micro_batch=7: must divide the per-process batch (16)"),
     (["regime=batch_increase", "regime.max_batch=8"], "regime.max_batch=8: must be >= batch (16)"),
     (["base.lr=-0.1"], "base.lr=-0.1: must be a number > 0"),
-    (["epochs=0"], "epochs=0: must be a number > 0"),
+    (["epochs=0"], "epochs=0.0: must be a number > 0"),
     (["batch=4096"], "batch=4096: exceeds the training set size (1536)"),
     (["device=tpu"], "device='tpu': allowed: auto, cpu, cuda"),
     (["experiment=f1_mnist", "dataset.root=/nonexistent/data"], "/nonexistent/data"),
@@ -55,3 +55,4 @@ def test_cfg_job_shows_effective_values(tmp_path):
     assert "effective:" in p.stdout
     assert "epochs: 6400.0" in p.stdout and "ghost_batch: 128" in p.stdout
     assert "lr: 0.565685" in p.stdout  # 0.1 * sqrt(32)
+    assert "batch_schedule: 0:4096" in p.stdout
