@@ -15,7 +15,7 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import HydraException, MissingConfigException
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
@@ -52,17 +52,34 @@ def _hydra_main(cfg: DictConfig) -> dict[str, Any] | None:
     except USER_ERRORS as e:
         if multirun:  # record and let the other jobs of the sweep go on
             log.error("job %s failed: %s", run_dir, e)
+            _record_failure(cfg, run_dir, e)
             raise
         _user_error.append(e)  # reported by main() as one line (Hydra would add its own lines)
         return None
     except Exception as e:
         log.error("job %s failed: %s: %s (details in %s)", run_dir, type(e).__name__, e, run_dir / "results.json")
+        _record_failure(cfg, run_dir, e)
         raise
     if distributed.env_world().main:
         err = results.get("final_val_error")
         log.info("%s: %s after %d updates, val error %s, results in %s", cfg.name, results["status"],
                  results["updates"], f"{err:.4f}" if err is not None else "n/a", run_dir)
     return results
+
+
+def _record_failure(cfg: DictConfig, run_dir: Path, e: BaseException) -> None:
+    """A job that failed before training wrote nothing: leave a results.json so sweep summaries list it."""
+    path = run_dir / "results.json"
+    if path.exists() or not distributed.env_world().main:
+        return
+    from lbtrain.checkpoint import atomic_write_json
+
+    sel = lambda key: OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)  # noqa: E731
+    atomic_write_json(path, {
+        "status": "failed", "error": one_line(e), "experiment": sel("name"), "batch": sel("batch"),
+        "base_batch": sel("base.batch"), "regime": sel("regime.name"), "seed": sel("seed"),
+        "ghost_batch": sel("ghost_batch"), "final_val_error": None, "best_val_error": None, "updates": 0,
+    })
 
 
 def one_line(e: BaseException) -> str:
@@ -75,6 +92,9 @@ def one_line(e: BaseException) -> str:
         if isinstance(err, USER_ERRORS):
             return str(err)
     for err in chain:
+        if isinstance(err, OverrideParseException):
+            return (f"cannot parse override {err.override!r}: {str(err).splitlines()[0]} "
+                    "(quote values holding '=', ',' or spaces: key='value')")
         if isinstance(err, MissingConfigException):
             m = re.search(r"Could not find '([^']+)/([^']+)'", str(err))
             if m and err.options:

@@ -86,7 +86,10 @@ class Trainer:
             self.data, device=dev, seed=cfg.seed, channels_last=cfg.channels_last)
         self.plan: Plan = make_plan(cfg, len(self.train_loader), self.dist.world)
 
-        model = build_model(cfg.model, self.data.num_classes, self.data.input_shape)
+        try:
+            model = build_model(cfg.model, self.data.num_classes, self.data.input_shape)
+        except ValueError as e:  # unknown model option or shape: a config mistake
+            raise ConfigError("model", OmegaConf.to_container(cfg.model), str(e)) from None
         if self.plan.ghost_batch:
             model = convert_to_ghost_bn(model, self.plan.ghost_batch)
         model = model.to(dev, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
@@ -112,8 +115,11 @@ class Trainer:
         self.resumed_from = self._maybe_resume()
         self.model = model
         if self.dist.enabled:
+            # Buffers are not broadcast from rank 0: each rank updates BN running stats from its own (ghost)
+            # batches and sync_buffers() averages them, which equals the single-process statistics exactly
+            # because the running-stat update is affine in the batch statistics.
             self.model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[dev.index] if dev.type == "cuda" else None)
+                model, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False)
         if cfg.compile:
             self.model = torch.compile(self.model)
         self.distance_steps = log_spaced_steps(self.plan.total_updates)
@@ -149,7 +155,15 @@ class Trainer:
             "plan": self.plan.summary(),
         }
 
+    def sync_buffers(self) -> None:
+        """Average floating-point buffers (BN running stats) over ranks; a no-op in one process."""
+        if self.dist.enabled:
+            for b in self.net.buffers():
+                if b.is_floating_point():
+                    distributed.all_reduce_sum(b).div_(self.dist.world)
+
     def save(self) -> None:
+        self.sync_buffers()
         if self.dist.main:
             self.tb.flush()  # every point up to this step is on disk before the checkpoint says so
             save_checkpoint(self.ckpt_path, self._state())
@@ -213,6 +227,7 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        self.sync_buffers()
         self.model.eval()
         net = self.net if not self.cfg.compile else self.model
         totals = torch.zeros(3, device=self.device)  # loss sum, correct, count

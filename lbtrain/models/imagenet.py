@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import torchvision
 from torch import nn
 
 
 def build_torchvision(
     num_classes: int, input_shape: tuple[int, ...], arch: str = "resnet50", **kwargs: Any
 ) -> nn.Module:
+    import torchvision  # lazily: importing torchvision costs ~1.5 s of start-up for every other model
+
     available = torchvision.models.list_models(module=torchvision.models)
     if arch not in available:
         raise ValueError(

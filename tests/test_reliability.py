@@ -1,0 +1,135 @@
+"""Resume after SIGKILL/SIGTERM is exact, checkpoints are verified, divergence is recorded, sweeps go on."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+import torch
+from conftest import run_cli
+from test_e2e import scalars
+
+from lbtrain.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+# Deterministic CPU run of the default digits recipe (384 updates, 96 per epoch), checkpointing every 7
+# updates too, so a kill lands between checkpoints and mid-epoch.
+ARGS = ("deterministic=true", "checkpoint.every_steps=7", "log_every=5")
+RUN = ("outputs", "digits", "checkpoint.every_steps=7,deterministic=true")
+
+
+def tb_series(run_dir) -> dict:
+    s = scalars(run_dir)
+    s.pop("perf/images_per_sec")  # wall-clock, differs between any two runs
+    return s
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted run to compare against."""
+    cwd = tmp_path_factory.mktemp("reference")
+    p = run_cli(*ARGS, cwd=cwd)
+    assert p.returncode == 0, p.stderr
+    run = cwd.joinpath(*RUN)
+    return load_checkpoint(run / "checkpoint.pt")["model"], tb_series(run)
+
+
+def assert_same_as_reference(run, reference):
+    weights, series = reference
+    final = load_checkpoint(run / "checkpoint.pt")["model"]
+    assert final.keys() == weights.keys()
+    for k in weights:
+        assert torch.equal(final[k], weights[k]), k  # bit for bit
+    mine = tb_series(run)
+    assert mine.keys() == series.keys()
+    for tag in series:
+        steps = [st for st, _ in mine[tag]]
+        assert len(steps) == len(set(steps)), f"duplicate points in {tag}"
+        assert mine[tag] == series[tag], tag
+
+
+@pytest.mark.parametrize("kill_at", [40, 96, 250])  # mid-epoch, an epoch end, late mid-epoch
+def test_sigkill_then_resume_is_bit_exact(tmp_path, reference, kill_at):
+    p = run_cli(*ARGS, cwd=tmp_path, env={"LBTRAIN_TEST_SIGNAL": f"SIGKILL@{kill_at}"})
+    assert p.returncode == -signal.SIGKILL
+    run = tmp_path.joinpath(*RUN)
+    assert load_checkpoint(run / "checkpoint.pt")["step"] < kill_at  # killed between checkpoints
+    p = run_cli(*ARGS, cwd=tmp_path)  # the same command resumes
+    assert p.returncode == 0, p.stderr
+    assert "resuming" in p.stdout + p.stderr
+    assert json.loads((run / "results.json").read_text())["status"] == "completed"
+    assert_same_as_reference(run, reference)
+
+
+def test_sigterm_checkpoints_and_resumes(tmp_path, reference):
+    p = run_cli(*ARGS, cwd=tmp_path, env={"LBTRAIN_TEST_SIGNAL": "SIGTERM@100"})
+    assert p.returncode == 128 + signal.SIGTERM, p.stderr
+    run = tmp_path.joinpath(*RUN)
+    res = json.loads((run / "results.json").read_text())
+    assert res["status"] == "interrupted" and res["updates"] == 100
+    assert load_checkpoint(run / "checkpoint.pt")["step"] == 100
+    p = run_cli(*ARGS, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert json.loads((run / "results.json").read_text())["status"] == "completed"
+    assert_same_as_reference(run, reference)
+
+
+def test_corrupt_checkpoint_is_reported_not_loaded(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"w": torch.arange(1000.0)})
+    assert torch.equal(load_checkpoint(path)["w"], torch.arange(1000.0))
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(path)
+    path.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_checkpoint(path)
+    path.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="not an lbtrain checkpoint"):
+        load_checkpoint(path)
+
+
+def test_truncated_run_checkpoint_through_cli(tmp_path):
+    p = run_cli("max_steps=20", "checkpoint.every_steps=5", cwd=tmp_path, env={"LBTRAIN_TEST_SIGNAL": "SIGKILL@12"})
+    assert p.returncode == -signal.SIGKILL
+    ckpt = next(tmp_path.rglob("checkpoint.pt"))
+    ckpt.write_bytes(ckpt.read_bytes()[:-10])
+    p = run_cli("max_steps=20", "checkpoint.every_steps=5", cwd=tmp_path)
+    assert p.returncode == 2
+    assert p.stderr.strip().count("\n") == 0 and "truncated or corrupt" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_checkpoint_from_another_run_is_refused(tmp_path):
+    assert run_cli("max_steps=3", cwd=tmp_path).returncode == 0
+    ckpt = next(tmp_path.rglob("checkpoint.pt"))
+    p = run_cli("max_steps=3", "seed=1", f"resume={ckpt}", cwd=tmp_path)
+    assert p.returncode == 2 and "quote values" in p.stderr  # the run folder's name holds '='
+    p = run_cli("max_steps=3", "seed=1", f"resume='{ckpt}'", cwd=tmp_path)
+    assert p.returncode == 2
+    assert "checkpoint is from another run: seed=0 (this run: 1)" in p.stderr
+
+
+def test_divergence_is_recorded_and_sweep_goes_on(tmp_path):
+    p = run_cli("-m", "base.lr=0.1,1e5", "base.grad_clip=null", "epochs=1", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    res = {r.parent.name: json.loads(r.read_text()) for r in tmp_path.rglob("results.json")}
+    assert res["base.grad_clip=null,base.lr=100000.0,epochs=1"]["status"] == "diverged"
+    assert res["base.grad_clip=null,base.lr=0.1,epochs=1"]["status"] == "completed"
+    assert "diverged at update" in p.stdout + p.stderr
+    diverged = tmp_path / "outputs" / "digits" / "base.grad_clip=null,base.lr=100000.0,epochs=1"
+    assert scalars(diverged)["status/diverged"][0][1] == 1.0
+
+
+def test_failed_job_is_recorded_and_others_complete(tmp_path):
+    # batch 24 is not divisible by the ghost batch 16: that job fails, the other completes
+    p = run_cli("-m", "regime=gbn", "ghost_batch=16", "batch=16,24", "max_steps=5", cwd=tmp_path)
+    assert p.returncode == 1
+    assert "some jobs of the multirun failed" in p.stderr
+    res = {r.parent.name: json.loads(r.read_text()) for r in tmp_path.rglob("results.json")}
+    assert len(res) == 2
+    failed = res["batch=24,ghost_batch=16,max_steps=5,regime=gbn"]
+    assert failed["status"] == "failed" and "must divide the batch (24)" in failed["error"]
+    assert res["batch=16,ghost_batch=16,max_steps=5,regime=gbn"]["status"] == "completed"
