@@ -164,6 +164,9 @@ class Trainer:
 
     def save(self) -> None:
         self.sync_buffers()
+        if self.dist.enabled:  # the checkpoint holds the interval's metric sums over all ranks, on rank 0
+            sums = distributed.all_reduce_sum(torch.stack([self.acc_loss, self.acc_correct, self.acc_n]))
+            self.acc_loss, self.acc_correct, self.acc_n = sums if self.dist.main else torch.zeros_like(sums)
         if self.dist.main:
             self.tb.flush()  # every point up to this step is on disk before the checkpoint says so
             save_checkpoint(self.ckpt_path, self._state())
@@ -193,6 +196,8 @@ class Trainer:
         self.wall, self.images = state["wall"], state["images"]
         self.acc_loss, self.acc_correct, self.acc_n, self.grad_norm = (
             t.to(self.device) for t in state["accumulators"])
+        if not self.dist.main:  # rank 0 carries the sums of all ranks (see save)
+            self.acc_loss, self.acc_correct, self.acc_n = (torch.zeros_like(self.acc_loss) for _ in range(3))
         torch.set_rng_state(state["rng"]["torch"].cpu())
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
