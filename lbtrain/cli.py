@@ -115,7 +115,8 @@ def main() -> None:
     setup_hydra()
     os.environ["HYDRA_FULL_ERROR"] = "1"  # exceptions reach us instead of Hydra's multi-line report
     argv = sys.argv[1:]
-    if any(a in ("--cfg", "-c") for a in argv) and "--resolve" not in argv:
+    shown = [b for a, b in zip(argv, argv[1:]) if a in ("--cfg", "-c")]
+    if shown and shown[0] in ("job", "all") and "--resolve" not in argv:
         sys.argv.append("--resolve")  # show the effective values, not interpolation strings
     if not distributed.env_world().main:
         # only rank 0 writes: no .hydra/ copy and no log file from the other ranks

@@ -356,26 +356,32 @@ def epochs_at(run: Run, steps: Sequence[float]) -> np.ndarray | None:
     return steps * epochs / updates if updates and epochs else None
 
 
-def _labels(runs: Sequence[Run]) -> list[str]:
-    """"B=4096 adapt", plus "seed=S" where that (batch, regime) ran with several seeds, plus a bad status."""
-    seeds: dict[tuple[int, str], set[int]] = {}
-    for r in runs:
-        seeds.setdefault((r.batch, r.regime), set()).add(r.seed)
-    labels = []
-    for r in runs:
-        label = f"B={r.batch} {r.regime}" + (f" seed={r.seed}" if len(seeds[(r.batch, r.regime)]) > 1 else "")
-        labels.append(label if r.status == "completed" else f"{label} ({r.status})")
-    return labels
+def _groups(runs: Sequence[Run]) -> tuple[list[int], list[str | None]]:
+    """Per run: a group index (one colour per batch x regime x status) and its legend label, given only on
+    the group's first line ("B=4096 adapt (3 seeds)", "B=512 gbn (diverged)") so seeds share one entry."""
+    keys = [(r.batch, r.regime, r.status) for r in runs]
+    order = list(dict.fromkeys(keys))
+    counts = {k: keys.count(k) for k in order}
+    groups, labels, seen = [], [], set()
+    for k in keys:
+        batch, regime, status = k
+        label = f"B={batch} {regime}" + (f" ({counts[k]} seeds)" if counts[k] > 1 else "")
+        if status != "completed":
+            label += f" ({status})"
+        groups.append(order.index(k))
+        labels.append(None if k in seen else label)
+        seen.add(k)
+    return groups, labels
 
 
 def make_figure(runs: Sequence[Run], name: str, title_prefix: str = "") -> Figure:
     """The figure `name` (a key of FIGURES) with one line per run that logged its tag."""
     tag, x, logx, logy, ylabel, title = FIGURES[name]
-    fig = Figure(figsize=(7.5, 4.8))
+    fig = Figure(figsize=(9, 4.8))
     FigureCanvasAgg(fig)  # Agg, without pyplot's global state
     ax = fig.add_subplot()
     colors = colormaps["tab10"]
-    for i, (run, label) in enumerate(zip(runs, _labels(runs), strict=True)):
+    for run, group, label in zip(runs, *_groups(runs), strict=True):
         # log axes have no place for step 0 (or a zero value)
         points = [(s, v) for s, v in run.scalars(tag) if (s > 0 or not logx) and (v > 0 or not logy)]
         if not points:
@@ -384,10 +390,10 @@ def make_figure(runs: Sequence[Run], name: str, title_prefix: str = "") -> Figur
         xs = epochs_at(run, steps) if x == "epochs" else steps
         if xs is None:
             continue
-        # past 10 runs the colours repeat, so the line style changes; opt/* values hold for the updates
+        # past 10 groups the colours repeat, so the line style changes; opt/* values hold for the updates
         # since the previous log, hence steps-pre
-        ax.plot(xs, [v for _, v in points], label=label, color=colors(i % 10),
-                linestyle=LINE_STYLES[i // 10 % 4],
+        ax.plot(xs, [v for _, v in points], label=label or "_nolegend_", color=colors(group % 10),
+                linestyle=LINE_STYLES[group // 10 % 4], alpha=0.85,
                 drawstyle="steps-pre" if tag.startswith("opt/") else "default")
     if logx:
         ax.set_xscale("log")
@@ -397,8 +403,8 @@ def make_figure(runs: Sequence[Run], name: str, title_prefix: str = "") -> Figur
     ax.set_ylabel(ylabel)
     ax.set_title(f"{title_prefix}{title}")
     ax.grid(True, which="both", alpha=0.3)
-    if ax.get_lines():
-        ax.legend(fontsize="small")
+    if ax.get_lines():  # outside the axes, so many runs never hide the curves
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     return fig
 

@@ -243,17 +243,21 @@ def run_limit(wl: Workload, data: ArrayDataset, opt: Options) -> dict[str, Any]:
     return row
 
 
-def _tensor_bytes(*objects: Any) -> dict[str, int]:
-    """Bytes of the distinct tensor storages held as attributes of `objects`, by dtype."""
-    seen: set[int] = set()
-    out: dict[str, int] = {}
+def _tensor_bytes(*objects: Any) -> tuple[dict[str, int], int]:
+    """(bytes of the distinct tensor storages held as attributes of `objects` by dtype, bytes of those
+    storages that no held tensor covers: memory kept alive by a view into a larger array)."""
+    storages: dict[int, tuple[str, int, int]] = {}  # data_ptr -> dtype, storage bytes, bytes viewed
     for obj in objects:
         for v in vars(obj).values():
-            if isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() not in seen:
-                seen.add(v.untyped_storage().data_ptr())
-                key = str(v.dtype).replace("torch.", "")
-                out[key] = out.get(key, 0) + v.untyped_storage().nbytes()
-    return out
+            if isinstance(v, torch.Tensor):
+                st = v.untyped_storage()
+                dtype, nbytes, viewed = storages.get(st.data_ptr(), (str(v.dtype).replace("torch.", ""),
+                                                                      st.nbytes(), 0))
+                storages[st.data_ptr()] = (dtype, nbytes, max(viewed, v.numel() * v.element_size()))
+    out: dict[str, int] = {}
+    for dtype, nbytes, _ in storages.values():
+        out[dtype] = out.get(dtype, 0) + nbytes
+    return out, sum(nbytes - viewed for _, nbytes, viewed in storages.values())
 
 
 def compose_config(wl: Workload, opt: Options, overrides: list[str] = ()) -> Any:
@@ -326,7 +330,7 @@ def run_lbtrain(wl: Workload, opt: Options, run_dir: Path) -> dict[str, Any]:
     row["log_points_in_window"] = [s for s in inside if s and (s % cfg.log_every == 0 or s == target)]
     row["distance_points_in_window"] = sorted(s for s in trainer.distance_steps if s in inside)
     loaders = (trainer.train_loader, trainer.val_loader)
-    row["dataset_resident_bytes"] = _tensor_bytes(*loaders)
+    row["dataset_resident_bytes"], row["dataset_unviewed_bytes"] = _tensor_bytes(*loaders)
     row["dataset_float32_copy_bytes"] = 4 * sum(lo.n * lo.c * lo.h * lo.w for lo in loaders)
     if dev.type == "cuda":
         row["peak_memory_bytes"] = torch.cuda.max_memory_allocated(dev)
@@ -411,6 +415,7 @@ def run_reference(wl: Workload, data: ArrayDataset, opt: Options) -> dict[str, A
 def _load_bench_gbn() -> Any:
     spec = importlib.util.spec_from_file_location("bench_gbn", Path(__file__).resolve().parent / "bench_gbn.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("bench_gbn", mod)
     assert spec.loader is not None
     spec.loader.exec_module(mod)
     return mod
@@ -459,7 +464,9 @@ def format_table(res: dict[str, Any]) -> str:
     for name, mem in res["memory"].items():
         resident = ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in mem["dataset_resident_bytes"].items())
         line = (f"memory {name}: lbtrain dataset resident on {m['device']}: {resident} "
-                f"(a float32 copy would be {_fmt_bytes(mem['dataset_float32_copy_bytes'])})")
+                f"(a float32 copy of the images would be {_fmt_bytes(mem['dataset_float32_copy_bytes'])})")
+        if mem["dataset_unviewed_bytes"]:
+            line += f"; {_fmt_bytes(mem['dataset_unviewed_bytes'])} of it is held only through views"
         if "lbtrain_peak_bytes" in mem:
             line += f"; peak allocated: lbtrain {_fmt_bytes(mem['lbtrain_peak_bytes'])}"
             if "limit_peak_bytes" in mem:
@@ -485,6 +492,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for limit and lbtrain")
     p.add_argument("--channels-last", action="store_true", help="channels_last for limit and lbtrain")
     p.add_argument("--compile", action="store_true", help="torch.compile for limit and lbtrain")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the run (default: torch's)")
     p.add_argument("--skip-gbn", action="store_true", help="skip the GBN micro-benchmark")
     p.add_argument("--quick", action="store_true", help="tiny sizes and steps: a smoke run")
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
@@ -506,7 +514,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if unknown:
         p.error(f"unknown workload(s) {unknown}; choose from {', '.join(WORKLOADS)}")
     workers = args.workers if args.workers is not None else min(8, os.cpu_count() or 1)
+    plans: list[tuple[Workload, int, int]] = []  # (workload, warmup, timed steps)
+    for wname in names:
+        wl = WORKLOADS[wname]
+        if args.quick:
+            wl = replace(wl, **QUICK[wname])
+        if args.dataset_size is not None:
+            wl = replace(wl, train_size=args.dataset_size)
+        warmup, steps = (1, 2) if args.quick else wl.cuda_steps if device.type == "cuda" else wl.cpu_steps
+        warmup = args.warmup if args.warmup is not None else warmup
+        steps = args.steps if args.steps is not None else steps
+        if steps < 1 or warmup < 0:
+            p.error("--steps must be >= 1 and --warmup >= 0")
+        if wl.batch > wl.train_size:
+            p.error(f"{wname}: --dataset-size must be >= the batch ({wl.batch})")
+        plans.append((wl, warmup, steps))
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(args, device, plans, workers)
+    finally:
+        torch.set_num_threads(threads)
 
+
+def _run(args: argparse.Namespace, device: torch.device, plans: list[tuple[Workload, int, int]],
+         workers: int) -> dict[str, Any]:
     meta = {
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
@@ -525,21 +558,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res: dict[str, Any] = {"meta": meta, "rows": [], "ratios": {}, "memory": {}}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lbtrain-bench-") as tmp:
-        for wname in names:
-            wl = WORKLOADS[wname]
-            if args.quick:
-                wl = replace(wl, **QUICK[wname])
-            if args.dataset_size is not None:
-                wl = replace(wl, train_size=args.dataset_size)
-            warmup, steps = wl.cuda_steps if device.type == "cuda" else wl.cpu_steps
-            if args.quick:
-                warmup, steps = 1, 2
-            warmup = args.warmup if args.warmup is not None else warmup
-            steps = args.steps if args.steps is not None else steps
-            if steps < 1 or warmup < 0:
-                p.error("--steps must be >= 1 and --warmup >= 0")
-            if wl.batch > wl.train_size:
-                p.error(f"{wname}: --dataset-size must be >= the batch ({wl.batch})")
+        for wl, warmup, steps in plans:
+            wname = wl.name
             opt = Options(device, warmup, steps, workers, args.bf16, args.channels_last, args.compile)
             data = make_synthetic(wl.shape, wl.num_classes, wl.train_size, 256)  # = lbtrain's synthetic set
             rows: dict[str, dict[str, Any]] = {}
@@ -548,13 +568,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     continue
                 print(f"[bench] {wname}: {path} (batch {wl.batch}, {warmup} warm-up + {steps} timed updates)",
                       file=sys.stderr, flush=True)
+                load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
                 if path == "limit":
                     row = run_limit(wl, data, opt)
                 elif path == "lbtrain":
                     row = run_lbtrain(wl, opt, Path(tmp) / wname)
                 else:
                     row = run_reference(wl, data, opt)
-                rows[path] = {"workload": wname, "path": path, **row}
+                rows[path] = {"workload": wname, "path": path, **row, "loadavg_before": load}
                 res["rows"].append(rows[path])
                 gc.collect()
                 if device.type == "cuda":
@@ -565,9 +586,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for other in ("limit", "reference"):
                     if other in rows:
                         ratios[f"lbtrain_over_{other}"] = speed / rows[other]["images_per_sec"]
+                        if "step_ms_median" in rows[other]:  # CPU: the same from median update times
+                            ratios[f"lbtrain_over_{other}_median"] = (rows[other]["step_ms_median"]
+                                                                     / rows["lbtrain"]["step_ms_median"])
                 lb = rows["lbtrain"]
-                mem = {"dataset_resident_bytes": lb["dataset_resident_bytes"],
-                       "dataset_float32_copy_bytes": lb["dataset_float32_copy_bytes"]}
+                mem = {key: lb[key] for key in ("dataset_resident_bytes", "dataset_unviewed_bytes",
+                                                "dataset_float32_copy_bytes")}
                 if "peak_memory_bytes" in lb:
                     mem["lbtrain_peak_bytes"] = lb["peak_memory_bytes"]
                 if "limit" in rows and "peak_memory_bytes" in rows["limit"]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(f"_bench_{name}", ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -27,7 +29,8 @@ def _positive(v) -> bool:
 def quick_run(tmp_path_factory):
     bench = _load("bench")
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    res = bench.main(["--quick", "--device", "cpu", "--workers", "1", "--json", str(out)])
+    # one thread: on a small shared machine, 2-thread OpenMP regions stall whenever another process runs
+    res = bench.main(["--quick", "--device", "cpu", "--workers", "1", "--threads", "1", "--json", str(out)])
     return bench, res, json.loads(out.read_text())
 
 
@@ -45,9 +48,9 @@ def test_quick_bench_produces_every_row(quick_run):
     assert rows[("f1_mnist", "reference")]["chunks"] == 1
     for workload in bench.DEFAULT_WORKLOADS:
         mem = res["memory"][workload]
-        images = mem["dataset_resident_bytes"]["uint8"]
-        assert images > 0 and mem["dataset_float32_copy_bytes"] > 2 * images
-        assert sum(mem["dataset_resident_bytes"].values()) < mem["dataset_float32_copy_bytes"]
+        resident = mem["dataset_resident_bytes"]
+        assert resident["uint8"] > 0 and resident.get("float32", 0) < 1024  # images are held as uint8 only
+        assert sum(resident.values()) < mem["dataset_float32_copy_bytes"]
 
 
 def test_quick_bench_json_has_ratios_and_gbn(quick_run):
@@ -55,7 +58,7 @@ def test_quick_bench_json_has_ratios_and_gbn(quick_run):
     assert saved["rows"] == json.loads(json.dumps(res["rows"]))
     for workload in bench.DEFAULT_WORKLOADS:
         ratios = saved["ratios"][workload]
-        assert set(ratios) == {"lbtrain_over_limit", "lbtrain_over_reference"}
+        assert {"lbtrain_over_limit", "lbtrain_over_reference"} <= set(ratios)
         assert all(_positive(v) for v in ratios.values())
         speed = {r["path"]: r["images_per_sec"] for r in saved["rows"] if r["workload"] == workload}
         assert ratios["lbtrain_over_limit"] == pytest.approx(speed["lbtrain"] / speed["limit"])

@@ -235,13 +235,14 @@ def test_figures(sweep: Path, tmp_path: Path):
         check_png(f)
 
 
-def test_seed_in_labels(tmp_path: Path):
+def test_seeds_share_a_colour_and_a_legend_entry(tmp_path: Path):
     make_run(tmp_path, batch=64, regime="adapt", seed=0)
     make_run(tmp_path, batch=64, regime="adapt", seed=1)
     make_run(tmp_path, batch=128, regime="baseline", seed=3, status="diverged")
     ax = report.make_figure(report.find_runs([tmp_path]), "val_error_updates").axes[0]
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
-        "B=64 adapt seed=0", "B=64 adapt seed=1", "B=128 baseline (diverged)"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["B=64 adapt (2 seeds)", "B=128 baseline (diverged)"]
+    lines = ax.get_lines()
+    assert len(lines) == 3 and lines[0].get_color() == lines[1].get_color() != lines[2].get_color()
 
 
 def test_cli(sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixture):

@@ -133,6 +133,15 @@ def sync_points(trainer: Trainer) -> tuple[set[int], set[int], set[int]]:
     return logs, dist, ends
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Counts, not timings: one thread keeps these runs fast on a small machine shared with other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 DIGITS_GBN = ("experiment=digits", "regime=gbn", "batch=64", "ghost_batch=16", "log_every=7", "max_steps=60")
 CONV_AUGMENT = ("experiment=resnet44_cifar10", "dataset=synthetic", "dataset.shape=[3,8,8]",
                 "dataset.train_size=256", "dataset.val_size=64", "dataset.augment=true", "model.kwargs.depth=8",
