@@ -23,17 +23,17 @@ class TBLogger:
             for tag, v in values.items():
                 self.writer.add_scalar(tag, v, step)
 
-    def hparams(self, params: dict[str, Any], status: str | None = None) -> None:
-        """Write the HParams experiment + session start (and end, when `status` is given) into this run."""
+    def hparams(self, params: dict[str, Any], end: bool = False) -> None:
+        """HParams in this run (not a sub-run, as SummaryWriter.add_hparams would make): the experiment and
+        session start at the beginning, the session end (`end=True`) when the run finishes. The metrics
+        shown are the last values of the HPARAM_METRICS scalars."""
         if self.writer is None:
             return
         clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in params.items()}
         exp, ssi, sei = hparams(clean, {m: 0.0 for m in HPARAM_METRICS})
         fw = self.writer._get_file_writer()
-        for summary in (exp, ssi):
+        for summary in (sei,) if end else (exp, ssi):
             fw.add_summary(summary)
-        if status is not None:
-            fw.add_summary(sei)
 
     def flush(self) -> None:
         if self.writer is not None:

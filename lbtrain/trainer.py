@@ -362,7 +362,7 @@ class Trainer:
             bar.close()
             for sig, old in handlers.items():
                 signal.signal(sig, old)
-        self.tb.hparams(self.hparams(), status=self.status)
+        self.tb.hparams(self.hparams(), end=True)
         self.tb.scalars(self.step, {"val/best_error": self.best_val_error})
         self.tb.close()
         return self._write_results()
