@@ -310,9 +310,9 @@ class DeviceLoader:
     """Whole dataset on `device` as uint8; batched augmentation.
 
     Augmentation is torchvision's RandomCrop(size, padding=4) (zero/black padding) + RandomHorizontalFlip,
-    done for a whole batch as ONE advanced-indexing gather from a pre-padded copy of the dataset: sample
-    index, channel, per-sample row grid and per-sample (possibly reversed) column grid broadcast to
-    (b, C, H, W). The padded copy costs (H+8)(W+8)/(HW) memory (1.56x for CIFAR) and saves a pad per step.
+    done for a whole batch as ONE advanced-indexing gather: sample index, channel, per-sample row grid and
+    per-sample (possibly reversed) column grid broadcast to (b, C, H, W). Grid positions that fall in the
+    padding are clamped into the image and then zeroed with a mask, so the dataset is held once, unpadded.
     """
 
     def __init__(self, x_uint8: Tensor, y: Tensor, mean: tuple[float, ...], std: tuple[float, ...], *,
@@ -323,10 +323,7 @@ class DeviceLoader:
         self.device = torch.device(device)
         self.augment, self.seed, self.channels_last, self.dtype = augment, int(seed), channels_last, dtype
         self.n, self.c, self.h, self.w = (int(s) for s in x_uint8.shape)
-        x = x_uint8.to(self.device)
-        p = PAD if augment else 0
-        self._xp = F.pad(x, (p, p, p, p)) if p else x.contiguous()  # padded storage; `x` below is a view
-        self.x = self._xp[:, :, p : p + self.h, p : p + self.w]
+        self.x = x_uint8.to(self.device).contiguous()  # on the CPU: the caller's tensor itself, no copy
         self.y = y.to(self.device, torch.int64)
         self.scale, self.shift = _affine(mean, std, self.device, dtype)
         self._rows = torch.arange(self.h, device=self.device)
@@ -365,10 +362,14 @@ class DeviceLoader:
             pos = slice(step * batch + rank * b, step * batch + (rank + 1) * b)
             idx = perm[pos]
             if self.augment:
-                rows = dy[pos, None] + self._rows  # (b, H) rows of the padded image
-                cols = dx[pos, None] + torch.where(flip[pos, None], self.w - 1 - self._cols, self._cols)
+                rows = dy[pos, None] - PAD + self._rows  # (b, H) source rows; outside [0, H) is padding
+                cols = dx[pos, None] - PAD + torch.where(flip[pos, None], self.w - 1 - self._cols, self._cols)
+                inside = ((rows >= 0) & (rows < self.h))[:, None, :, None] & \
+                    ((cols >= 0) & (cols < self.w))[:, None, None, :]
                 n = idx.view(-1, 1, 1, 1)
-                xb = self._xp[n, self._chan, rows[:, None, :, None], cols[:, None, None, :]]
+                xb = self.x[n, self._chan, rows.clamp(0, self.h - 1)[:, None, :, None],
+                            cols.clamp(0, self.w - 1)[:, None, None, :]]
+                xb = xb * inside  # zero padding (uint8 * bool stays uint8)
             else:
                 xb = self.x[idx]
             yield self._finish(xb), self.y[idx]
