@@ -146,7 +146,8 @@ def make_plan(cfg: Any, train_size: int, world_size: int = 1) -> Plan:
         if b % world_size:
             raise ConfigError("batch", b, f"(epoch {i}) must be divisible by the number of processes ({world_size})")
         if ghost and (b // world_size) % ghost:
-            raise ConfigError("ghost_batch", ghost, f"must divide the per-process batch of epoch {i} ({b // world_size})")
+            per_rank = b // world_size
+            raise ConfigError("ghost_batch", ghost, f"must divide the per-process batch of epoch {i} ({per_rank})")
     steps = [train_size // b for b in batches]
     starts = [0]
     for s in steps[:-1]:
