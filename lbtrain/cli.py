@@ -112,6 +112,10 @@ def one_line(e: BaseException) -> str:
 
 def main() -> None:
     """Console entry point (`lbtrain`, `python -m lbtrain`)."""
+    if not Path(CONFIG_DIR).is_dir():
+        sys.stderr.write(f"lbtrain: error: config folder {CONFIG_DIR} not found: install lbtrain from its "
+                         "repository with `pip install -e .` (the configs live beside the package)\n")
+        sys.exit(2)
     setup_hydra()
     os.environ["HYDRA_FULL_ERROR"] = "1"  # exceptions reach us instead of Hydra's multi-line report
     argv = sys.argv[1:]

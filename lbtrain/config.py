@@ -201,6 +201,8 @@ def validate(cfg: Any, world_size: int = 1) -> None:
         if per_rank % cfg.micro_batch:
             raise ConfigError("micro_batch", cfg.micro_batch, f"must divide the per-process batch ({per_rank})")
     if cfg.regime.ghost_bn:
+        if cfg.ghost_batch < 2:
+            raise ConfigError("ghost_batch", cfg.ghost_batch, "must be >= 2 (batch norm over one sample is undefined)")
         chunk = cfg.micro_batch or per_rank
         if chunk % cfg.ghost_batch:
             what = "micro_batch" if cfg.micro_batch else ("per-process batch" if world_size > 1 else "batch")

@@ -153,14 +153,14 @@ def make_plan(cfg: Any, train_size: int, world_size: int = 1) -> Plan:
     for s in steps[:-1]:
         starts.append(starts[-1] + s)
 
-    def update_of(epoch: float) -> int:
+    def update_of(epoch: float) -> int:  # `steps` are full epochs' updates here
         i = min(int(math.floor(epoch + 1e-9)), n_epochs)
         if i >= n_epochs:
             return starts[-1] + steps[-1]
         return starts[i] + round((epoch - i) * steps[i])
 
     total = update_of(epochs)
-    steps[-1] = total - starts[-1]  # a fractional last epoch is partial
+    warmup = update_of(regime.warmup_epochs * stretch) if regime.warmup_epochs else 0
     lr_updates, lr_values = [], []
     for e, lr in phases:
         u = update_of(e)
@@ -169,6 +169,7 @@ def make_plan(cfg: Any, train_size: int, world_size: int = 1) -> Plan:
         else:
             lr_updates.append(u)
             lr_values.append(lr)
+    steps[-1] = total - starts[-1]  # a fractional last epoch is partial
     return Plan(
         train_size=train_size,
         r=r,
@@ -183,7 +184,7 @@ def make_plan(cfg: Any, train_size: int, world_size: int = 1) -> Plan:
         total_updates=total,
         lr_updates=tuple(lr_updates),
         lr_values=tuple(lr_values),
-        warmup_updates=update_of(regime.warmup_epochs) if regime.warmup_epochs else 0,
+        warmup_updates=min(warmup, total),
     )
 
 

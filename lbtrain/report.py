@@ -185,7 +185,17 @@ def accuracy_cell(runs: Sequence[Run]) -> str:
     cell = mean_std(acc, digits=2)
     if others:  # some seeds did not finish: say so rather than silently averaging fewer
         cell += " (" + ", ".join(f"{n} {s}" for s, n in sorted(others.items())) + ")"
+    if len({_variant(r) for r in runs}) > 1:  # same batch and regime, but not only the seed differs
+        cell += " (mixed configs)"
+        print(f"warning: averaging runs that differ in more than the seed: {[str(r.path) for r in runs]}",
+              file=sys.stderr)
     return cell
+
+
+def _variant(run: Run) -> tuple:
+    """What must agree for runs to be seeds of one configuration (beyond experiment, batch, regime)."""
+    res = run.results
+    return (res.get("ghost_batch"), res.get("bn_batch"), res.get("lr"), res.get("planned_updates"))
 
 
 def table1(runs: Sequence[Run]) -> list[dict[str, Any]]:

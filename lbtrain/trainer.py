@@ -118,6 +118,12 @@ class Trainer:
         self._zero_accumulators()
         self.status = "running"
 
+        per_rank = cfg.batch // self.dist.world
+        self.bn_batch = self.plan.ghost_batch or (self.micro_batch or per_rank)
+        if not self.plan.ghost_batch and self.bn_batch < cfg.batch and _has_batchnorm(model):
+            log.warning("BatchNorm statistics are computed over %d samples (%s), not the batch of %d: this acts like "
+                        "ghost batch norm of that size. Recorded as bn_batch in results.json.", self.bn_batch,
+                        "micro_batch" if self.micro_batch else "the per-process share", cfg.batch)
         self.resumed_from = self._maybe_resume()
         self.model = model
         if self.dist.enabled:
@@ -129,6 +135,11 @@ class Trainer:
         if cfg.compile:
             self.model = torch.compile(self.model)
         self.distance_steps = log_spaced_steps(self.plan.total_updates)
+        if not self.resumed_from and self.dist.main:
+            # a run killed before its first checkpoint starts over: its points would otherwise be duplicated
+            for stale in self.run_dir.glob("events.out.tfevents.*"):
+                log.info("starting over: removing %s of an earlier attempt without a checkpoint", stale.name)
+                stale.unlink()
         self.tb = TBLogger(self.run_dir, enabled=self.dist.main,
                            purge_step=self.step + 1 if self.resumed_from else None)
 
@@ -156,7 +167,7 @@ class Trainer:
             "images": self.images,
             "accumulators": [self.acc_loss, self.acc_correct, self.acc_n, self.grad_norm],
             "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                    "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
             "fingerprint": _fingerprint(self.cfg),
             "plan": self.plan.summary(),
         }
@@ -206,8 +217,8 @@ class Trainer:
         if not self.dist.main:  # rank 0 carries the sums of all ranks (see save)
             self.acc_loss, self.acc_correct, self.acc_n = (torch.zeros_like(self.acc_loss) for _ in range(3))
         torch.set_rng_state(state["rng"]["torch"].cpu())
-        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
+        if state["rng"]["cuda"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)
         log.info("resuming %s from update %d", path, self.step)
         return path
 
@@ -219,12 +230,12 @@ class Trainer:
         n = x.shape[0]
         chunks = list(zip(x.split(self.micro_batch or n), y.split(self.micro_batch or n)))
         for i, (xc, yc) in enumerate(chunks):
-            # DDP: all-reduce gradients only on the last micro-batch
+            # DDP: all-reduce gradients only on the last micro-batch (no_sync is one-shot: one `with` per chunk)
             sync = self.model.no_sync() if self.dist.enabled and i < len(chunks) - 1 else contextlib.nullcontext()
-            with sync, self.autocast:
-                out = self.model(xc)
-                loss = F.cross_entropy(out.float(), yc)
             with sync:
+                with self.autocast:
+                    out = self.model(xc)
+                    loss = F.cross_entropy(out.float(), yc)
                 (loss * (yc.shape[0] / n)).backward()
             self.acc_loss += loss.detach() * yc.shape[0]
             self.acc_correct += (out.argmax(1) == yc).sum()
@@ -243,7 +254,8 @@ class Trainer:
         self.model.eval()
         net = self.net if not self.cfg.compile else self.model
         totals = torch.zeros(3, device=self.device)  # loss sum, correct, count
-        eval_batch = max(self.cfg.batch // self.dist.world, 256)
+        # micro_batch is what fits in memory; without it, at least the training batch does
+        eval_batch = self.micro_batch or max(self.cfg.batch // self.dist.world, 256)
         for x, y in self.val_loader.eval_batches(eval_batch * self.dist.world):
             x, y = x.tensor_split(self.dist.world)[self.dist.rank], y.tensor_split(self.dist.world)[self.dist.rank]
             with self.autocast:
@@ -368,7 +380,7 @@ class Trainer:
             self.wall = time.perf_counter() - run_start
             self.images += tick_images
             self.save()
-        except Interrupted:
+        except Interrupted as e:
             self.wall = time.perf_counter() - run_start
             self.images += tick_images
             self.status = "interrupted"
@@ -376,6 +388,9 @@ class Trainer:
             self._write_results()
             log.warning("interrupted at update %d; checkpoint saved. Re-run the same command to resume.",
                         self.step)
+            previous = handlers.get(e.signum)
+            if e.signum == getattr(signal, "SIGUSR2", None) and callable(previous):
+                previous(e.signum, None)  # a launcher's own handler (submitit: requeue the job), now that it is safe
             raise
         finally:
             bar.close()
@@ -424,7 +439,8 @@ class Trainer:
             return None
 
     def _install_signal_handlers(self, flag: list[int]) -> dict[int, Any]:
-        """First SIGTERM/SIGINT: finish the step, checkpoint, exit. Second: exit at once."""
+        """First SIGTERM/SIGINT/SIGUSR2: finish the step, checkpoint, exit. Second: exit at once. SIGUSR2 is
+        what SLURM/submitit send before a time limit; their handler runs after the checkpoint."""
 
         def handler(signum: int, frame: Any) -> None:
             if flag:
@@ -434,7 +450,7 @@ class Trainer:
                         signal.Signals(signum).name)
 
         old = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, *([signal.SIGUSR2] if hasattr(signal, "SIGUSR2") else [])):
             try:
                 old[sig] = signal.signal(sig, handler)
             except ValueError:  # not the main thread (e.g. some launchers): no preemption handling
@@ -466,6 +482,7 @@ class Trainer:
             "batch": c.batch,
             "base_batch": c.base.batch,
             "ghost_batch": plan.ghost_batch,
+            "bn_batch": self.bn_batch,  # samples per BatchNorm statistic (ghost, micro-batch or per-rank batch)
             "seed": c.seed,
             "lr": plan.lr,
             "final_val_error": finite(self.last_val.get("val/error")),
@@ -488,6 +505,10 @@ class Trainer:
         if self.dist.main:
             atomic_write_json(self.run_dir / "results.json", res)
         return res
+
+
+def _has_batchnorm(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def _test_fault() -> tuple[int, int] | None:

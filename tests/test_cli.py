@@ -16,6 +16,7 @@ BAD_INPUTS = [
     (["regime.lr_scaling=cube"], "regime.lr_scaling"),
     (["batch=0"], "batch=0: must be an integer >= 1"),
     (["ghost_batch=0", "regime=gbn"], "ghost_batch=0: must be an integer >= 1"),
+    (["ghost_batch=1", "regime=gbn"], "ghost_batch=1: must be >= 2"),
     (["batch=96", "ghost_batch=64", "regime=gbn"], "ghost_batch=64: must divide the batch (96)"),
     (["micro_batch=7"], "micro_batch=7: must divide the per-process batch (16)"),
     (["regime=batch_increase", "regime.max_batch=8"], "regime.max_batch=8: must be >= batch (16)"),

@@ -85,3 +85,14 @@ def test_per_rank_ghost_batch_must_divide(tmp_path):
     p = torchrun("regime=gbn", "batch=64", "ghost_batch=64", "max_steps=1", cwd=tmp_path)
     assert p.returncode != 0
     assert "ghost_batch=64: must divide the per-process batch (32)" in p.stderr
+
+
+def test_micro_batches_in_two_processes_equal_one_full_step_process(tmp_path, single):
+    """Each rank splits its 32 samples into 2 micro-batches of 16 (= the ghost batch); DDP all-reduces once."""
+    p = torchrun(*ARGS, "micro_batch=16", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a = load_checkpoint(only_run(tmp_path) / "checkpoint.pt")["model"]
+    b = load_checkpoint(single / "checkpoint.pt")["model"]
+    for k in b:
+        if "running" not in k and "num_batches" not in k:  # running stats: one update per micro-batch
+            torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=2e-4, msg=k)

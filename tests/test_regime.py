@@ -143,3 +143,15 @@ def test_effective_values_in_composed_config():
     assert eff["epochs"] == pytest.approx(6400)
     assert eff["updates"] == 6400 * (N // 4096)
     assert eff["ghost_batch"] == 128
+
+
+def test_milestones_inside_a_partial_last_epoch_use_full_epoch_lengths():
+    p = make_plan(make_cfg("epochs=0.5"), 1536)  # digits: 96 updates per epoch, milestones at 2, 3 of 4 epochs
+    assert p.total_updates == 48 and p.epoch_steps == (48,)
+    assert p.lr_updates == (0, 24, 36)
+
+
+def test_epochs_override_scales_warmup_too():
+    p = plan("batch=512", "regime=linear", "epochs=2")  # 5 of 200 epochs -> 0.05 epochs
+    assert p.warmup_updates == round(0.05 * (N // 512))
+    assert p.lr_at(p.warmup_updates) == pytest.approx(0.4)

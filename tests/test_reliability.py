@@ -133,3 +133,35 @@ def test_failed_job_is_recorded_and_others_complete(tmp_path):
     failed = res["batch=24,ghost_batch=16,max_steps=5,regime=gbn"]
     assert failed["status"] == "failed" and "must divide the batch (24)" in failed["error"]
     assert res["batch=16,ghost_batch=16,max_steps=5,regime=gbn"]["status"] == "completed"
+
+
+def test_kill_before_the_first_checkpoint_starts_over_without_duplicates(tmp_path):
+    p = run_cli("seed=3", "log_every=5", cwd=tmp_path, env={"LBTRAIN_TEST_SIGNAL": "SIGKILL@37"})  # 1st ckpt: 96
+    assert p.returncode == -signal.SIGKILL
+    assert run_cli("seed=3", "log_every=5", cwd=tmp_path).returncode == 0
+    run = tmp_path / "outputs" / "digits" / "seed=3"
+    assert len(list(run.glob("events.out.tfevents*"))) == 1
+    for tag, points in scalars(run).items():
+        steps = [s for s, _ in points]
+        assert len(steps) == len(set(steps)), tag
+
+
+def test_sigusr2_checkpoints_then_hands_over_to_the_launcher(tmp_path, monkeypatch):
+    """submitit sends SIGUSR2 before a SLURM time limit and requeues in its own handler: ours runs first."""
+    from conftest import make_cfg
+
+    from lbtrain.trainer import Interrupted, Trainer
+
+    calls = []
+    old = signal.signal(signal.SIGUSR2, lambda signum, frame: calls.append(signum))
+    monkeypatch.setenv("LBTRAIN_TEST_SIGNAL", "SIGUSR2@5")
+    try:
+        t = Trainer(make_cfg("max_steps=20", "progress=false"), tmp_path)
+        t.setup()
+        with pytest.raises(Interrupted):
+            t.fit()
+    finally:
+        signal.signal(signal.SIGUSR2, old)
+    assert calls == [signal.SIGUSR2]
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 5
+    assert json.loads((tmp_path / "results.json").read_text())["status"] == "interrupted"
