@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[dev,local]'
+	$(BIN)/pip install -q -e '.[dev,local,slurm]'
 	touch $(STAMP)
 
 # The embedded default: small batch vs large batch (baseline, +LR, +GBN, +RA) on scikit-learn's digits,
