@@ -64,7 +64,6 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
-import json
 import math
 import os
 import platform
@@ -85,6 +84,7 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:  # allow `python scripts/bench.py` without installing lbtrain
     sys.path.insert(0, str(_ROOT))
 
+from lbtrain.checkpoint import atomic_write_json  # noqa: E402
 from lbtrain.data import ArrayDataset, make_synthetic  # noqa: E402
 from lbtrain.ghost_bn import convert_to_ghost_bn  # noqa: E402
 from lbtrain.models import build_model  # noqa: E402
@@ -646,7 +646,7 @@ def _run(args: argparse.Namespace, device: torch.device, plans: list[tuple[Workl
     meta["loadavg_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=2) + "\n")
+        atomic_write_json(args.json, res)
     return res
 
 

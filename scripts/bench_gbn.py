@@ -14,7 +14,6 @@ Other scripts can ``import`` this file and call :func:`run_gbn_bench`.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -29,6 +28,7 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:  # allow `python scripts/bench_gbn.py` without installing lbtrain
     sys.path.insert(0, str(_ROOT))
 
+from lbtrain.checkpoint import atomic_write_json  # noqa: E402
 from lbtrain.ghost_bn import GhostBatchNorm2d  # noqa: E402
 
 VARIANTS = ("plain", "vectorized", "loop")
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(format_table(res))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=2) + "\n")
+        atomic_write_json(args.json, res)
     return res
 
 
