@@ -397,7 +397,8 @@ class Trainer:
             for sig, old in handlers.items():
                 signal.signal(sig, old)
         self.tb.hparams(self.hparams(), end=True)
-        self.tb.scalars(self.step, {"val/best_error": self.best_val_error})
+        if math.isfinite(self.best_val_error):  # a run that diverged before any evaluation has none
+            self.tb.scalars(self.step, {"val/best_error": self.best_val_error})
         self.tb.close()
         return self._write_results()
 
