@@ -374,10 +374,23 @@ class DeviceLoader:
                 xb = self.x[idx]
             yield self._finish(xb), self.y[idx]
 
-    def eval_batches(self, batch: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """All samples in order, no augmentation, last partial batch included."""
-        for i in range(0, self.n, batch):
-            yield self._finish(self.x[i : i + batch]), self.y[i : i + batch]
+    def eval_batches(self, batch: int, rank: int = 0, world: int = 1) -> Iterator[tuple[Tensor, Tensor]]:
+        """All samples in order, no augmentation, last partial batch included; with `world` > 1, this rank's
+        contiguous share of each batch (the ranks together see every sample once)."""
+        for lo, hi in _eval_shares(self.n, batch, rank, world):
+            yield self._finish(self.x[lo:hi]), self.y[lo:hi]
+
+
+def _eval_shares(n: int, batch: int, rank: int, world: int) -> Iterator[tuple[int, int]]:
+    """[lo, hi) of this rank's share of each evaluation batch (as `tensor_split` would divide it); empty
+    shares (a last batch smaller than the number of ranks) are skipped."""
+    for start in range(0, n, batch):
+        m = min(batch, n - start)
+        size, extra = divmod(m, world)
+        lo = start + rank * size + min(rank, extra)
+        hi = lo + size + (1 if rank < extra else 0)
+        if hi > lo:
+            yield lo, hi
 
 
 class _EpochBatches:
@@ -467,9 +480,9 @@ class ImageFolderLoader:
         batches = [[key(i) for i in perm[lo : lo + b]] for lo in starts]
         return self._run(batches)
 
-    def eval_batches(self, batch: int) -> Iterator[tuple[Tensor, Tensor]]:
-        starts = range(0, self.n, batch)
-        return self._run([[(i, 0) for i in range(lo, min(lo + batch, self.n))] for lo in starts])
+    def eval_batches(self, batch: int, rank: int = 0, world: int = 1) -> Iterator[tuple[Tensor, Tensor]]:
+        # each rank decodes only its own share of every batch
+        return self._run([[(i, 0) for i in range(lo, hi)] for lo, hi in _eval_shares(self.n, batch, rank, world)])
 
 
 def make_loaders(ds: ArrayDataset | ImageFolderDataset, *, device: torch.device | str, seed: int,

@@ -256,8 +256,7 @@ class Trainer:
         totals = torch.zeros(3, device=self.device)  # loss sum, correct, count
         # micro_batch is what fits in memory; without it, at least the training batch does
         eval_batch = self.micro_batch or max(self.cfg.batch // self.dist.world, 256)
-        for x, y in self.val_loader.eval_batches(eval_batch * self.dist.world):
-            x, y = x.tensor_split(self.dist.world)[self.dist.rank], y.tensor_split(self.dist.world)[self.dist.rank]
+        for x, y in self.val_loader.eval_batches(eval_batch * self.dist.world, self.dist.rank, self.dist.world):
             with self.autocast:
                 out = net(x)
             totals[0] += F.cross_entropy(out.float(), y, reduction="sum")

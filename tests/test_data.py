@@ -348,3 +348,12 @@ def test_real_mnist() -> None:
     assert ds.train_x.shape == (60000, 1, 28, 28) and ds.val_x.shape == (10000, 1, 28, 28)
     assert ds.train_y.bincount().tolist()[:2] == [5923, 6742]
     assert abs(ds.train_x.float().mean().item() / 255 - ds.mean[0]) < 1e-3
+
+
+def test_eval_shares_cover_every_sample_once() -> None:
+    loader = id_loader(n=96)
+    whole = torch.cat([y for _, y in loader.eval_batches(40)])
+    for world in (1, 2, 3, 5):
+        parts = [[y for _, y in loader.eval_batches(40 * world, r, world)] for r in range(world)]
+        seen = torch.cat([y for part in parts for y in part])
+        assert sorted(seen.tolist()) == sorted(whole.tolist()) and len(seen) == 96
