@@ -133,6 +133,13 @@ def test_failed_job_is_recorded_and_others_complete(tmp_path):
     failed = res["batch=24,ghost_batch=16,max_steps=5,regime=gbn"]
     assert failed["status"] == "failed" and "must divide the batch (24)" in failed["error"]
     assert res["batch=16,ghost_batch=16,max_steps=5,regime=gbn"]["status"] == "completed"
+    # the summary lists the failed job with its status
+    from lbtrain import report
+
+    summary = report.summarize([tmp_path / "outputs"], tmp_path / "report", figures=False)
+    statuses = {(row["batch"], row["status"]) for row in summary["runs"]}
+    assert statuses == {(16, "completed"), (24, "failed")}
+    assert summary["table1"][0]["+GBN"] == "failed"
 
 
 def test_kill_before_the_first_checkpoint_starts_over_without_duplicates(tmp_path):
