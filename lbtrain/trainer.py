@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -130,8 +131,10 @@ class Trainer:
             # Buffers are not broadcast from rank 0: each rank updates BN running stats from its own (ghost)
             # batches and sync_buffers() averages them, which equals the single-process statistics exactly
             # because the running-stat update is affine in the batch statistics.
-            self.model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False)
+            with warnings.catch_warnings():  # torch advises keeping broadcast_buffers=False for rank-local buffers
+                warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+                self.model = torch.nn.parallel.DistributedDataParallel(
+                    model, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False)
         if cfg.compile:
             self.model = torch.compile(self.model)
         self.distance_steps = log_spaced_steps(self.plan.total_updates)
@@ -528,12 +531,20 @@ def run(cfg: Any, run_dir: str | Path) -> dict[str, Any]:
     except CheckpointError as e:
         raise ConfigError("resume", str(trainer.ckpt_path), str(e)) from None
     try:
-        return trainer.fit()
+        results = trainer.fit()
+    except Interrupted:
+        distributed.barrier()  # every rank stops at the same update (they agreed at a log step)
+        raise
     except (Exception, KeyboardInterrupt) as e:
-        if trainer.dist.main and not isinstance(e, Interrupted):
+        if trainer.dist.main:
             res = trainer.results("failed")
             res["error"] = f"{type(e).__name__}: {e}"
             atomic_write_json(trainer.run_dir / "results.json", res)
         raise
+    else:
+        # Ranks leave together: a process that tears down its Gloo group and exits while rank 0 still writes
+        # its files can abort ("terminate called without an active exception").
+        distributed.barrier()
+        return results
     finally:
         distributed.shutdown()
