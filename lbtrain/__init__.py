@@ -2,7 +2,15 @@
 
 from typing import Any
 
-__all__ = ["GhostBatchNorm", "GhostBatchNorm1d", "GhostBatchNorm2d", "convert_to_ghost_bn", "set_ghost_batch"]
+__all__ = [
+    "GhostBatchNorm",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "apply_deferred_stats",
+    "convert_to_ghost_bn",
+    "defer_running_stats",
+    "set_ghost_batch",
+]
 __version__ = "0.1.0"
 
 

@@ -11,7 +11,8 @@ Both loaders share one contract so the trainer need not care which it has:
     at `start_step` sees exactly the batches an uninterrupted run would have seen;
   * every training step has exactly `batch` samples (drop_last), as ghost batch norm requires;
   * the batch size may change from one epoch to the next;
-  * under data parallelism rank r gets the contiguous slice [r*b:(r+1)*b] of each global batch.
+  * under data parallelism rank r of W gets the strided share r::W of each global batch (not a contiguous
+    slice: ghost batches are strided subsets, see `lbtrain.ghost_bn`, and so stay whole on one rank).
 
 Where data is looked for: `dataset.root`, else $LBTRAIN_DATA, else ./data (see `resolve_root`).
 The "val" split of MNIST / Fashion-MNIST / CIFAR is the official test split.
@@ -344,7 +345,8 @@ class DeviceLoader:
 
     def epoch(self, epoch: int, batch: int, start_step: int = 0, rank: int = 0,
               world: int = 1) -> Iterator[tuple[Tensor, Tensor]]:
-        """This rank's slice of each global batch of `epoch`, from `start_step` on (drop_last)."""
+        """This rank's strided share (rank::world) of each global batch of `epoch`, from `start_step` on
+        (drop_last)."""
         b = _check_batch(self.n, batch, rank, world)
         return self._epoch(epoch, batch, b, start_step, rank)
 
@@ -359,7 +361,7 @@ class DeviceLoader:
             dx = torch.randint(0, 2 * PAD + 1, (self.n,), device=self.device, generator=g)
             flip = torch.rand(self.n, device=self.device, generator=g) < 0.5
         for step in range(start_step, self.n // batch):
-            pos = slice(step * batch + rank * b, step * batch + (rank + 1) * b)
+            pos = slice(step * batch + rank, (step + 1) * batch, batch // b)  # this rank's strided share
             idx = perm[pos]
             if self.augment:
                 rows = dy[pos, None] - PAD + self._rows  # (b, H) source rows; outside [0, H) is padding
@@ -476,8 +478,9 @@ class ImageFolderLoader:
         perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(es)).tolist()
         # Per-sample seed; the odd multiplier keeps the low 32 bits (all the CPU generator uses) distinct.
         key = lambda i: (i, (es + i * 0x9E3779B97F4A7C15) & ((1 << 64) - 1))
-        starts = (s * batch + rank * b for s in range(start_step, self.n // batch))
-        batches = [[key(i) for i in perm[lo : lo + b]] for lo in starts]
+        world = batch // b
+        starts = (s * batch for s in range(start_step, self.n // batch))
+        batches = [[key(i) for i in perm[lo + rank : lo + batch : world]] for lo in starts]  # strided share
         return self._run(batches)
 
     def eval_batches(self, batch: int, rank: int = 0, world: int = 1) -> Iterator[tuple[Tensor, Tensor]]:

@@ -24,7 +24,7 @@ from lbtrain import distributed
 from lbtrain.checkpoint import CheckpointError, atomic_write_json, load_checkpoint, save_checkpoint
 from lbtrain.config import ConfigError
 from lbtrain.data import load_dataset, make_loaders
-from lbtrain.ghost_bn import convert_to_ghost_bn
+from lbtrain.ghost_bn import apply_deferred_stats, convert_to_ghost_bn, defer_running_stats
 from lbtrain.metrics import fit_log, log_spaced_steps, weight_distance
 from lbtrain.models import build_model
 from lbtrain.regime import Plan, make_plan
@@ -120,6 +120,8 @@ class Trainer:
         self.status = "running"
 
         per_rank = cfg.batch // self.dist.world
+        # Accumulating: ghost BN running stats get the one update of the whole step after the last micro-batch.
+        self.deferred_bn = defer_running_stats(model) if self.micro_batch and self.plan.ghost_batch else []
         self.bn_batch = self.plan.ghost_batch or (self.micro_batch or per_rank)
         if not self.plan.ghost_batch and self.bn_batch < cfg.batch and _has_batchnorm(model):
             log.warning("BatchNorm statistics are computed over %d samples (%s), not the batch of %d: this acts like "
@@ -231,7 +233,11 @@ class Trainer:
         The model is in train mode (fit() sets it, and again after each evaluation)."""
         self.opt.zero_grad(set_to_none=True)
         n = x.shape[0]
-        chunks = list(zip(x.split(self.micro_batch or n), y.split(self.micro_batch or n)))
+        parts = n // (self.micro_batch or n)
+        # Micro-batch m is the strided x[m::parts] (views), as ghost batches are strided: each ghost batch of
+        # a micro-batch is then one of the whole batch, and the update equals the one without accumulation.
+        chunks = [(x, y)] if parts == 1 else list(zip(x.unflatten(0, (-1, parts)).transpose(0, 1),
+                                                      y.view(-1, parts).t()))
         for i, (xc, yc) in enumerate(chunks):
             # DDP: all-reduce gradients only on the last micro-batch (no_sync is one-shot: one `with` per chunk)
             sync = self.model.no_sync() if self.dist.enabled and i < len(chunks) - 1 else contextlib.nullcontext()
@@ -243,6 +249,7 @@ class Trainer:
             self.acc_loss += loss.detach() * yc.shape[0]
             self.acc_correct += (out.argmax(1) == yc).sum()
         self.acc_n += n
+        apply_deferred_stats(self.deferred_bn)
         if self.grad_clip is not None:
             self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
         elif want_grad_norm:

@@ -3,7 +3,8 @@
 Compares, on a ResNet-44-like activation (default (4096, 16, 32, 32) on CUDA, (1024, 16, 32, 32)
 on CPU) split into ``--ghosts`` ghost batches:
 
-* ``vectorized``: ``GhostBatchNorm2d`` (one fused ``F.batch_norm`` call),
+* ``vectorized``: ``GhostBatchNorm2d`` (one ``F.batch_norm`` call on a view of the input; with
+  ``--channels-last`` one copy each way),
 * ``loop``: one ``F.batch_norm`` call per ghost batch (the authors' implementation),
 * ``plain``: ``nn.BatchNorm2d`` on the whole batch (no ghost batches).
 

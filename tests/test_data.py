@@ -243,7 +243,8 @@ def test_resume_from_start_step() -> None:
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
-def test_rank_slices_concatenate_to_global_batch() -> None:
+def test_rank_shares_interleave_to_global_batch() -> None:
+    """Rank r of W gets samples r::W of each global batch (strided, like ghost batches)."""
     dl = id_loader(augment=True)
     world = 4
     glob = list(dl.epoch(7, 32))
@@ -251,8 +252,8 @@ def test_rank_slices_concatenate_to_global_batch() -> None:
     for step, (xg, yg) in enumerate(glob):
         parts = [per_rank[r][step] for r in range(world)]
         assert all(p[0].shape[0] == 8 for p in parts)
-        assert torch.equal(torch.cat([p[0] for p in parts]), xg)
-        assert torch.equal(torch.cat([p[1] for p in parts]), yg)
+        for r, (xr, yr) in enumerate(parts):
+            assert torch.equal(xr, xg[r::world]) and torch.equal(yr, yg[r::world])
     with pytest.raises(ValueError):
         dl.epoch(0, 30, world=4)
 
@@ -334,7 +335,8 @@ def test_imagefolder_loader(tmp_path: Path) -> None:
     resumed = list(train.epoch(1, 4, start_step=1))
     assert all(torch.equal(p[0], q[0]) for p, q in zip(a[1:], resumed, strict=True))
     halves = [list(train.epoch(1, 4, rank=r, world=2)) for r in range(2)]
-    assert torch.equal(torch.cat([halves[0][0][1], halves[1][0][1]]), a[0][1])
+    for r in range(2):  # rank r's share is r::2 of the global batch, pixels included
+        assert torch.equal(halves[r][0][1], a[0][1][r::2]) and torch.equal(halves[r][0][0], a[0][0][r::2])
     assert sorted(torch.cat([yb for _, yb in a]).tolist()) == sorted([0, 1, 2] * 4)
     assert [xb.shape[0] for xb, _ in val.eval_batches(4)] == [4, 2]
 

@@ -19,7 +19,9 @@ from lbtrain.ghost_bn import (  # noqa: E402
     GhostBatchNorm,
     GhostBatchNorm1d,
     GhostBatchNorm2d,
+    apply_deferred_stats,
     convert_to_ghost_bn,
+    defer_running_stats,
     set_ghost_batch,
 )
 
@@ -60,9 +62,16 @@ def _randomize_affine(m: nn.Module, seed: int = 0) -> None:
             m.bias.copy_(torch.randn(m.bias.shape, generator=gen, dtype=m.bias.dtype))
 
 
+def _ghost_batches(x: torch.Tensor, g: int) -> list[torch.Tensor]:
+    """lbtrain's ghost batches of size g: ghost k is the strided x[k::G], G = len(x) // g."""
+    n = x.shape[0] // g
+    return [x[k::n] for k in range(n)]
+
+
 def _reference(x: torch.Tensor, weight, bias, g: int, eps: float) -> torch.Tensor:
-    """The authors' way: F.batch_norm on each chunk of g samples, one call per chunk."""
-    return torch.cat([F.batch_norm(chunk, None, None, weight, bias, True, 0.0, eps) for chunk in x.split(g)])
+    """The authors' way: F.batch_norm on each ghost batch, one call per ghost batch; outputs put back in place."""
+    outs = [F.batch_norm(xk, None, None, weight, bias, True, 0.0, eps) for xk in _ghost_batches(x, g)]
+    return torch.stack(outs, 1).flatten(0, 1)  # row j of ghost k is sample j*G + k
 
 
 def _reduce_dims(x: torch.Tensor) -> list[int]:
@@ -73,7 +82,7 @@ def _hand_running_stats(inputs, g: int, momentum: float | None):
     mean = torch.zeros(C, dtype=torch.float64)
     var = torch.ones(C, dtype=torch.float64)
     for step, x in enumerate(inputs, start=1):
-        chunks = x.split(g)
+        chunks = _ghost_batches(x, g)
         ghost_mean = torch.stack([ch.mean(dim=_reduce_dims(ch)) for ch in chunks]).mean(0)
         ghost_var = torch.stack([ch.var(dim=_reduce_dims(ch), unbiased=True) for ch in chunks]).mean(0)
         f = 1.0 / step if momentum is None else momentum
@@ -132,13 +141,27 @@ def test_one_fused_batch_norm_call(monkeypatch: pytest.MonkeyPatch) -> None:
     original = F.batch_norm
 
     def counting(*args, **kwargs):
-        calls.append(args[0].shape)
+        calls.append((args[0].shape, args[0].data_ptr()))
         return original(*args, **kwargs)
 
     monkeypatch.setattr(F, "batch_norm", counting)
     m = GhostBatchNorm2d(C, 4)
-    m(torch.randn(BATCH, C, 3, 3))
-    assert calls == [torch.Size([4, (BATCH // 4) * C, 3, 3])]
+    x = torch.randn(BATCH, C, 3, 3)
+    y = m(x)
+    assert [shape for shape, _ in calls] == [torch.Size([4, (BATCH // 4) * C, 3, 3])]
+    # contiguous input: the ghost layout is a view of it and the output a view of batch norm's (no copies)
+    assert calls[0][1] == x.data_ptr() and y.is_contiguous()
+
+
+def test_ghost_batches_are_strided() -> None:
+    """Ghost k is x[k::G]: shifting each strided subset by its own constant changes nothing."""
+    g, n = 8, BATCH // 8
+    m = GhostBatchNorm2d(C, g, affine=False, dtype=torch.float64)
+    x = _input((BATCH, C, 3, 3), False, seed=3)
+    ghost = torch.arange(BATCH) % n
+    torch.testing.assert_close(m(x + 10.0 * ghost.view(-1, 1, 1, 1)), m(x))
+    chunk = torch.arange(BATCH) // g  # contiguous chunks are not the ghost batches
+    assert not torch.allclose(m(x + 10.0 * chunk.view(-1, 1, 1, 1)), m(x))
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
@@ -341,3 +364,38 @@ def test_bench_script_importable() -> None:
     res = bench.run_gbn_bench("cpu", batch=8, channels=2, size=4, ghosts=2, iters=1)
     for key in ("vectorized_ms", "loop_ms", "plain_ms", "vectorized_over_plain", "loop_over_vectorized"):
         assert res[key] > 0, key
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("parts", [2, 4, 8])  # 8 micro-batches of 4 = one ghost batch each
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_deferred_stats_over_micro_batches_equal_whole_batch(layout: str, parts: int, momentum) -> None:
+    """Micro-batches m::parts with deferred running stats: outputs and statistics of the whole batch."""
+    cls, _, shape, channels_last = LAYOUTS[layout]
+    whole, split = cls(C, 4, momentum=momentum, dtype=torch.float64), cls(C, 4, momentum=momentum, dtype=torch.float64)
+    layers = defer_running_stats(split)
+    assert layers == [split]
+    for step in range(3):
+        x = _input(shape, channels_last, seed=step) * (step + 1)
+        y = whole(x)
+        for part in range(parts):
+            torch.testing.assert_close(split(x[part::parts]), y[part::parts], rtol=1e-12, atol=1e-12)
+        apply_deferred_stats(layers)
+    torch.testing.assert_close(split.running_mean, whole.running_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(split.running_var, whole.running_var, rtol=1e-12, atol=1e-12)
+    assert split.num_batches_tracked.item() == whole.num_batches_tracked.item() == 3
+    assert split.state_dict().keys() == whole.state_dict().keys()  # the collectors are not state
+
+
+def test_apply_without_forward_changes_nothing() -> None:
+    m = GhostBatchNorm1d(C, 4, momentum=None)
+    layers = defer_running_stats(m)
+    m(torch.randn(BATCH, C))
+    apply_deferred_stats(layers)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    apply_deferred_stats(layers)  # nothing collected since the last call
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    defer_running_stats(m, False)  # off again: each forward updates the statistics itself
+    m(torch.randn(BATCH, C))
+    assert m.num_batches_tracked.item() == 2
