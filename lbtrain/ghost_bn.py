@@ -264,7 +264,8 @@ def defer_running_stats(module: nn.Module, defer: bool = True) -> list[GhostBatc
     For gradient accumulation: while on, each training forward only collects its ghost statistics, and
     `apply_deferred_stats` after the last micro-batch makes the step's one momentum update from all of
     them, exactly as the whole batch in one forward would. Returns the layers (to pass to
-    `apply_deferred_stats`).
+    `apply_deferred_stats`). Call it after moving the model to its device: the collectors are plain
+    tensors made on the device of each layer's running statistics.
     """
     layers = [m for m in module.modules() if isinstance(m, GhostBatchNorm)]
     for m in layers:
