@@ -111,7 +111,7 @@ class GhostBatchNorm(_BatchNorm):
         weight = self.weight.repeat(n_ghosts) if self.weight is not None else None
         bias = self.bias.repeat(n_ghosts) if self.bias is not None else None
 
-        channels_last = (  # (one ghost batch, only while deferring statistics: no layout change needed)
+        channels_last = (  # (G = 1 happens only while deferring statistics: no layout change needed)
             n_ghosts > 1 and x.dim() == 4 and not x.is_contiguous()
             and x.is_contiguous(memory_format=torch.channels_last)
         )
@@ -121,7 +121,7 @@ class GhostBatchNorm(_BatchNorm):
             xt = x.permute(0, 2, 3, 1).reshape(g, n_ghosts, h, w, c).permute(0, 2, 3, 1, 4)
             xt = xt.reshape(g, h, w, n_ghosts * c).permute(0, 3, 1, 2)
         else:
-            xt = x if n_ghosts == 1 else x.reshape(g, n_ghosts * c, *spatial)  # a view when x is contiguous
+            xt = x.reshape(g, n_ghosts * c, *spatial)  # a view when x is contiguous (or when G = 1)
 
         y = F.batch_norm(
             xt,
@@ -138,7 +138,7 @@ class GhostBatchNorm(_BatchNorm):
             out = y.permute(0, 2, 3, 1).reshape(g, h, w, n_ghosts, c).permute(0, 3, 1, 2, 4)
             out = out.reshape(batch, h, w, c).permute(0, 3, 1, 2)
         else:
-            out = y if n_ghosts == 1 else y.reshape(batch, c, *spatial)
+            out = y.reshape(batch, c, *spatial)
 
         if self.track_running_stats:
             if stats is not None and self._stat_sum is not None and self._stat_count is not None:
