@@ -1,4 +1,9 @@
-"""Atomic checkpoint and JSON writes, and verified loads: nothing is ever half-written or half-read."""
+"""Atomic checkpoint and JSON writes, and verified loads: nothing is ever half-written or half-read.
+
+Checkpoint format (version 2): one header line `LBTRAIN-CKPT-2 <sha256> <n>\\n`, then `n` bytes of JSON metadata
+(the run's identity, its hash, status and update: readable without loading the tensors), then the `torch.save`
+payload. The SHA-256 covers metadata and payload. Version 1 files (no metadata) still load.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,19 @@ from typing import Any
 
 import torch
 
-_MAGIC = b"LBTRAIN-CKPT-1 "
+from lbtrain.results import dumps
+
+_MAGIC1 = b"LBTRAIN-CKPT-1 "
+_MAGIC2 = b"LBTRAIN-CKPT-2 "
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give: mkstemp alone makes every file 0600
 
 
 class CheckpointError(RuntimeError):
@@ -20,17 +37,24 @@ class CheckpointError(RuntimeError):
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
+    """Write to a temporary file in the same folder, fsync, then rename over `path`. The file gets the mode a
+    plain open() would (the umask is respected). An OSError always names `path` (ENOSPC from write() has none)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
+    try:
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:
+            raise OSError(e.errno, e.strerror, str(path)) from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -40,27 +64,87 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    """Strict JSON (non-finite floats written as null), atomically."""
+    atomic_write_bytes(path, dumps(obj).encode())
 
 
-def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """torch.save `state` behind a header holding its SHA-256, written atomically."""
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the `.NAME.*.tmp` files a process killed in the middle of an atomic write left in `folder`.
+    Only call this while holding the folder's lock (no live writer can own them)."""
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any], meta: dict[str, Any] | None = None) -> None:
+    """torch.save `state` behind a header holding the SHA-256 and JSON `meta`, written atomically."""
     buf = io.BytesIO()
     torch.save(state, buf)
-    payload = buf.getvalue()
-    atomic_write_bytes(path, _MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
+    meta_bytes = dumps(meta or {}).encode()
+    body = meta_bytes + buf.getvalue()
+    header = _MAGIC2 + hashlib.sha256(body).hexdigest().encode() + f" {len(meta_bytes)}\n".encode()
+    atomic_write_bytes(path, header + body)
 
 
-def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by save_checkpoint; raise CheckpointError unless it is intact."""
+def _split(path: Path, data: bytes) -> tuple[bytes, bytes, bytes]:
+    """(expected sha256 hex, metadata bytes, checked body) of a checkpoint file's bytes."""
+    header, _, body = data.partition(b"\n")
+    if header.startswith(_MAGIC2):
+        parts = header[len(_MAGIC2):].split(b" ")
+        if len(parts) != 2 or not parts[1].isdigit():
+            raise CheckpointError(f"{path} is truncated or corrupt (bad header); delete it to start over")
+        return parts[0], body[: int(parts[1])], body
+    if header.startswith(_MAGIC1):
+        return header[len(_MAGIC1):], b"", body
+    raise CheckpointError(f"{path} is not an lbtrain checkpoint (bad header)")
+
+
+def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
+    """The JSON metadata of a checkpoint ({} for a version-1 file), without loading or verifying the tensors."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.readline(4096)
+            if head.startswith(_MAGIC1):
+                return {}
+            if not head.startswith(_MAGIC2):
+                raise CheckpointError(f"{path} is not an lbtrain checkpoint (bad header)")
+            parts = head.rstrip(b"\n")[len(_MAGIC2):].split(b" ")
+            if len(parts) != 2 or not parts[1].isdigit():
+                raise CheckpointError(f"{path} is truncated or corrupt (bad header); delete it to start over")
+            meta = f.read(int(parts[1]))
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror}") from None
+    try:
+        out = json.loads(meta)
+    except ValueError:
+        raise CheckpointError(f"{path} is truncated or corrupt (bad metadata); delete it to start over") from None
+    if not isinstance(out, dict):
+        raise CheckpointError(f"{path} is truncated or corrupt (bad metadata); delete it to start over")
+    return out
+
+
+def load_checkpoint(path: str | Path, map_location: Any = "cpu", required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Load a checkpoint written by save_checkpoint; raise CheckpointError unless it is intact and holds every
+    key of `required`."""
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror}") from None
-    header, _, payload = data.partition(b"\n")
-    if not header.startswith(_MAGIC):
-        raise CheckpointError(f"{path} is not an lbtrain checkpoint (bad header)")
-    if hashlib.sha256(payload).hexdigest().encode() != header[len(_MAGIC):]:
+    digest, meta, body = _split(path, data)
+    if hashlib.sha256(body).hexdigest().encode() != digest:
         raise CheckpointError(f"{path} is truncated or corrupt (checksum mismatch); delete it to start over")
-    return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=False)
+    try:
+        state = torch.load(io.BytesIO(body[len(meta):]), map_location=map_location, weights_only=False)
+    except Exception as e:  # a file that checks out but does not unpickle: written by something else
+        raise CheckpointError(f"{path} cannot be loaded ({type(e).__name__}: {e})".splitlines()[0]) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} does not hold an lbtrain checkpoint (a {type(state).__name__})")
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(map(repr, missing))} (written by another version of "
+                              "lbtrain?); delete it to start over")
+    return state

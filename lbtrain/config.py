@@ -14,7 +14,9 @@ from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+
+from lbtrain.catalog import DATASET_FACTS, DATASETS
 
 
 class ConfigError(ValueError):
@@ -23,6 +25,12 @@ class ConfigError(ValueError):
     def __init__(self, key: str, value: Any, allowed: str):
         self.key, self.value, self.allowed = key, value, allowed
         super().__init__(f"{key}={value!r}: {allowed}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Sweep launchers (joblib, submitit) return a failed job's exception by pickling it: rebuild from the
+        # three fields (the default would call __init__ with the message alone), with a plain, picklable value.
+        value = self.value if isinstance(self.value, (str, int, float, bool, type(None))) else repr(self.value)
+        return (type(self), (self.key, value, self.allowed))
 
 
 class DatasetNotFoundError(RuntimeError):
@@ -46,6 +54,7 @@ class DatasetConfig:
     root: str | None = None  # None: $LBTRAIN_DATA, else ./data
     download: bool = False
     augment: bool = False  # pad-4 random crop + horizontal flip
+    subset: int | None = None  # train on a class-balanced subset of this many samples (fixed across seeds)
     # synthetic only
     shape: list[int] = field(default_factory=lambda: [3, 32, 32])
     num_classes: int = 10
@@ -119,7 +128,8 @@ class Config:
     epochs: float | None = None  # replaces base.epochs, scaling its milestones
     max_steps: int | None = None  # stop after this many updates (smoke runs)
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    threads: int | None = None  # torch intra- and inter-op threads; null: what the environment says
     deterministic: bool = False
     precision: Precision = Precision.fp32
     channels_last: bool = False
@@ -136,7 +146,6 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="lbtrain_schema", node=Config)
 
 
-DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagenet", "synthetic")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 
 
@@ -151,16 +160,43 @@ def _positive(key: str, value: Any, allow_zero: bool = False) -> None:
         raise ConfigError(key, value, "must be a number >= 0" if allow_zero else "must be a number > 0")
 
 
+def check_known_keys(cfg: Any) -> None:
+    """Reject keys the schema does not have (e.g. `+typo=1`, which Hydra's `+` adds to any config). Free-form
+    mappings (`model.kwargs`, `effective`) may hold any key; the model builder checks its own options."""
+    schema = OmegaConf.structured(Config)
+
+    def walk(node: Any, ref: Any, prefix: str) -> None:
+        if not isinstance(node, DictConfig) or not isinstance(ref, DictConfig):
+            return
+        for key in node.keys():
+            dotted = f"{prefix}{key}"
+            if dotted in FREE_FORM or (prefix == "" and key == "hydra"):
+                continue
+            if key not in ref:
+                raise ConfigError(dotted, OmegaConf.select(node, str(key), throw_on_resolution_failure=False),
+                                  "unknown key (the valid keys are listed by `lbtrain --cfg job`)")
+            child = node._get_node(key)
+            if isinstance(child, DictConfig) and not child._is_none():
+                walk(child, ref._get_node(key), dotted + ".")
+
+    walk(cfg, schema, "")
+
+
+FREE_FORM = ("model.kwargs", "effective")
+
+
 def validate(cfg: Any, world_size: int = 1) -> None:
-    """Reject meaningful-but-wrong values before any work is done (raises ConfigError)."""
+    """Reject meaningful-but-wrong values before any work is done (raises ConfigError). Checks that need the plan,
+    the model or the machine are in `lbtrain.preflight`, which calls this first."""
     from lbtrain.models import MODEL_NAMES  # models sit on the same floor; import lazily for start-up
 
+    check_known_keys(cfg)
     if cfg.dataset.name not in DATASETS:
         raise ConfigError("dataset.name", cfg.dataset.name, f"allowed: {', '.join(DATASETS)}")
     if cfg.model.name not in MODEL_NAMES:
         raise ConfigError("model.name", cfg.model.name, f"allowed: {', '.join(MODEL_NAMES)}")
     if not _DEVICE.match(str(cfg.device)):
-        raise ConfigError("device", cfg.device, "allowed: auto, cpu, cuda, cuda:N")
+        raise ConfigError("device", cfg.device, "allowed: auto, cpu, cuda, cuda:N, mps")
     for key in ("batch", "ghost_batch", "base.batch", "log_every"):
         _positive_int(key, _get(cfg, key))
     for key in ("base.lr", "base.epochs"):
@@ -191,7 +227,10 @@ def validate(cfg: Any, world_size: int = 1) -> None:
             _positive("base.lr_schedule.lr", p.lr)
     if cfg.max_steps is not None:
         _positive_int("max_steps", cfg.max_steps)
+    if cfg.threads is not None:
+        _positive_int("threads", cfg.threads)
     _positive("diverge_loss", cfg.diverge_loss)
+    _validate_dataset(cfg.dataset)
 
     per_rank = cfg.batch // world_size
     if cfg.batch % world_size:
@@ -213,7 +252,61 @@ def validate(cfg: Any, world_size: int = 1) -> None:
             raise ConfigError("regime.max_batch", cfg.regime.max_batch, f"must be >= batch ({cfg.batch})")
 
 
+# Keys of `dataset` that only the synthetic dataset reads (defaults as in DatasetConfig).
+SYNTHETIC_ONLY = {"shape": [3, 32, 32], "num_classes": 10, "train_size": 1024, "val_size": 256}
+
+
+def _validate_dataset(ds: Any) -> None:
+    facts = DATASET_FACTS[ds.name]
+    if ds.name == "synthetic":
+        shape = list(ds.shape)
+        if len(shape) != 3 or any(not isinstance(s, int) or s < 1 for s in shape):
+            raise ConfigError("dataset.shape", shape, "must be [channels, height, width] of integers >= 1")
+        if not isinstance(ds.num_classes, int) or ds.num_classes < 2:
+            raise ConfigError("dataset.num_classes", ds.num_classes, "must be an integer >= 2")
+        for key in ("train_size", "val_size"):
+            _positive_int(f"dataset.{key}", ds[key])
+    else:
+        for key, default in SYNTHETIC_ONLY.items():
+            value = ds[key]
+            value = list(value) if isinstance(value, ListConfig) else value
+            if value != default:
+                raise ConfigError(f"dataset.{key}", value, f"only dataset=synthetic reads it; to train on fewer "
+                                  f"samples of {ds.name}, use dataset.subset=N")
+    if ds.subset is not None:
+        _positive_int("dataset.subset", ds.subset)
+        full = facts.train_size if ds.name != "synthetic" else ds.train_size
+        if full is not None and ds.subset > full:
+            raise ConfigError("dataset.subset", ds.subset, f"must be at most the training set's {full} samples")
+
+
 def _get(cfg: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         cfg = getattr(cfg, part)
     return cfg
+
+
+def resolved(cfg: Any) -> dict[str, Any]:
+    """The config as plain containers with every interpolation resolved and enums as names; without the `hydra`
+    node and the derived `effective` block."""
+    node = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k not in ("hydra", "effective")]) \
+        if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    out = OmegaConf.to_container(node, resolve=True, enum_to_str=True)
+    assert isinstance(out, dict)
+    return out  # type: ignore[return-value]
+
+
+_DEFAULTS: dict[str, Any] | None = None
+
+
+def schema_defaults() -> dict[str, Any]:
+    """The schema's default value of every flat key (interpolated defaults left out), for
+    `lbtrain.identity.canonical`: keys added later at a neutral default leave older identities' hashes alone."""
+    global _DEFAULTS
+    if _DEFAULTS is None:
+        from lbtrain.identity import flatten
+
+        tree = OmegaConf.to_container(OmegaConf.structured(Config), resolve=False, enum_to_str=True)
+        _DEFAULTS = {k: v for k, v in flatten(tree).items()  # type: ignore[arg-type]
+                     if not (isinstance(v, str) and "${" in v)}
+    return _DEFAULTS

@@ -32,19 +32,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lbtrain.config import DATASETS, DatasetNotFoundError
+from lbtrain.catalog import DATASET_FACTS, DATASETS
+from lbtrain.config import DatasetNotFoundError
 
 __all__ = ["DATASETS", "DatasetNotFoundError", "load_dataset", "make_loaders", "DeviceLoader",
-           "ImageFolderLoader", "ArrayDataset", "ImageFolderDataset", "resolve_root"]
+           "ImageFolderLoader", "ArrayDataset", "ImageFolderDataset", "resolve_root", "class_balanced_subset"]
 
 PAD = 4  # pixels of zero padding for the random-crop augmentation (standard CIFAR recipe)
-
-# Published per-channel statistics, in [0, 1] pixel units.
-MNIST_STATS = ((0.1307,), (0.3081,))
-FASHION_MNIST_STATS = ((0.2860,), (0.3530,))
-CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
-CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
-IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+SUBSET_SEED = 20171  # dataset.subset is drawn with this fixed seed, never the run's: every run of a sweep
+# trains on the same samples
+_IMAGENET = DATASET_FACTS["imagenet"]
 
 def resolve_root(root: str | os.PathLike[str] | None) -> Path:
     """Data root: `root` if given, else the LBTRAIN_DATA environment variable, else ./data (made absolute).
@@ -98,8 +95,8 @@ class ImageFolderDataset:
     num_classes: int
     image_size: int = 224
     workers: int = 8
-    mean: tuple[float, ...] = IMAGENET_STATS[0]
-    std: tuple[float, ...] = IMAGENET_STATS[1]
+    mean: tuple[float, ...] = _IMAGENET.mean  # type: ignore[assignment]
+    std: tuple[float, ...] = _IMAGENET.std  # type: ignore[assignment]
     augment: bool = True  # RandomResizedCrop + flip; False -> the val transform for training too
 
     @property
@@ -150,7 +147,33 @@ def load_dataset(cfg: Any) -> ArrayDataset | ImageFolderDataset:
     else:
         raise ValueError(f"unknown dataset.name={name!r}; expected one of {', '.join(DATASETS)}")
     ds.augment = augment
+    subset = _opt(cfg, "subset")
+    if subset:
+        keep = class_balanced_subset(ds.train_y, int(subset), ds.num_classes)
+        # normalization keeps the whole split's statistics: a subset is fewer samples of the same data
+        ds.train_x, ds.train_y = ds.train_x[keep].contiguous(), ds.train_y[keep]
     return ds
+
+
+def class_balanced_subset(labels: Tensor, n: int, num_classes: int, seed: int = SUBSET_SEED) -> Tensor:
+    """Indices (ascending) of `n` training samples, n // C of each class and one more for n % C classes, drawn
+    with a fixed generator (`seed`, never the run's seed), so every run of a sweep trains on the same subset.
+
+    Which classes get the extra sample is drawn from the same generator. A class with fewer samples than its
+    share is a ValueError (the pre-flight check turns it into a config error before any work)."""
+    if not 1 <= n <= labels.numel():
+        raise ValueError(f"subset of {n} from {labels.numel()} samples")
+    g = torch.Generator().manual_seed(seed)
+    quota = torch.full((num_classes,), n // num_classes, dtype=torch.int64)
+    quota[torch.randperm(num_classes, generator=g)[: n % num_classes]] += 1
+    picked = []
+    for c in range(num_classes):
+        members = torch.nonzero(labels == c).flatten()
+        k = int(quota[c])
+        if k > members.numel():
+            raise ValueError(f"class {c} has {members.numel()} samples, fewer than its share {k} of the subset")
+        picked.append(members[torch.randperm(members.numel(), generator=g)[:k]])
+    return torch.cat(picked).sort().values
 
 
 def _channel_stats(x: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -185,15 +208,6 @@ def _load_digits() -> ArrayDataset:
     return ArrayDataset("digits", x[tr].contiguous(), y[tr], x[va].contiguous(), y[va], 10, mean, std)
 
 
-# name -> (torchvision class name, what to look for under root, stats, num_classes)
-_TORCHVISION = {
-    "mnist": ("MNIST", "MNIST/raw/train-images-idx3-ubyte", MNIST_STATS, 10),
-    "fashion_mnist": ("FashionMNIST", "FashionMNIST/raw/train-images-idx3-ubyte", FASHION_MNIST_STATS, 10),
-    "cifar10": ("CIFAR10", "cifar-10-batches-py/data_batch_1", CIFAR10_STATS, 10),
-    "cifar100": ("CIFAR100", "cifar-100-python/train", CIFAR100_STATS, 100),
-}
-
-
 def _not_found(what: str, root: Path, looked_for: str, holding: str, *, tried_download: bool = False,
                cause: BaseException | None = None, downloadable: bool = True,
                md5_checked: bool = False) -> DatasetNotFoundError:
@@ -214,10 +228,30 @@ def _not_found(what: str, root: Path, looked_for: str, holding: str, *, tried_do
     return DatasetNotFoundError(f"{msg}: {fix}")
 
 
+def check_present(cfg: Any) -> None:
+    """Raise DatasetNotFoundError (the same one line loading would give) when a dataset's files are not where the
+    config says and `download` is off. Cheap: it looks for one file or folder; loading verifies the rest."""
+    name = str(_opt(cfg, "name"))
+    facts = DATASET_FACTS.get(name)
+    if facts is None or facts.name in ("digits", "synthetic"):
+        return
+    root = resolve_root(_opt(cfg, "root"))
+    if facts.name == "imagenet":
+        base = root if (root / "train").is_dir() and (root / "val").is_dir() else root / "imagenet"
+        if not ((base / "train").is_dir() and (base / "val").is_dir()):
+            raise _not_found("ImageNet", root, f"{base / 'train'} and {base / 'val'}",
+                             "imagenet/train/ and imagenet/val/ (one folder per class)", downloadable=False)
+        return
+    if not bool(_opt(cfg, "download", False)) and not (root / str(facts.probe)).exists():
+        raise _not_found(str(facts.torchvision), root, str(root / str(facts.probe)),
+                         str(facts.probe).split("/")[0] + "/")
+
+
 def _load_torchvision(name: str, root: Path, download: bool) -> ArrayDataset:
     import torchvision.datasets as tvd
 
-    cls_name, probe, (mean, std), num_classes = _TORCHVISION[name]
+    facts = DATASET_FACTS[name]
+    cls_name, probe, mean, std, num_classes = facts.torchvision, facts.probe, facts.mean, facts.std, facts.num_classes
     cls = getattr(tvd, cls_name)
     try:
         train = cls(str(root), train=True, download=download)

@@ -13,20 +13,12 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from lbtrain.catalog import train_size as catalog_train_size
 from lbtrain.config import ConfigError, LRScaling
-
-# Training-set sizes, so `--cfg job` can show the effective schedule before any data is loaded.
-KNOWN_TRAIN_SIZES = {
-    "digits": 1536,
-    "mnist": 60000,
-    "fashion_mnist": 60000,
-    "cifar10": 50000,
-    "cifar100": 50000,
-    "imagenet": 1281167,
-}
 
 
 def _enum_name(value: Any) -> str:
@@ -81,6 +73,7 @@ class Plan:
             [i, b] for i, b in enumerate(self.epoch_batches) if i and b != self.epoch_batches[i - 1]
         ]
         return {
+            "train_size": self.train_size,
             "lr": self.lr,
             "epochs": self.epochs,
             "updates": self.total_updates,
@@ -99,6 +92,34 @@ def base_schedule(base: Any) -> list[tuple[float, float]]:
     for m in base.milestones:
         points.append((float(m), points[-1][1] * base.gamma))
     return points
+
+
+def expand_batches(schedule: Sequence[Sequence[int]], n_epochs: int) -> list[int]:
+    """The batch of each of `n_epochs` epochs from [[epoch, batch], ...] changes (the first at epoch 0)."""
+    changes = {int(e): int(b) for e, b in schedule}
+    batches, b = [], int(schedule[0][1])
+    for i in range(n_epochs):
+        b = changes.get(i, b)
+        batches.append(b)
+    return batches
+
+
+def epoch_layout(train_size: int, batches: Sequence[int]) -> tuple[list[int], list[int], Callable[[float], int]]:
+    """(first update of each epoch, full updates of each epoch, epoch -> update): the rounding rules of the module
+    docstring, in one place (the report reuses them to place logged updates on the epoch axis)."""
+    steps = [train_size // b for b in batches]
+    starts = [0]
+    for s in steps[:-1]:
+        starts.append(starts[-1] + s)
+    n_epochs = len(batches)
+
+    def update_of(epoch: float) -> int:
+        i = min(int(math.floor(epoch + 1e-9)), n_epochs)
+        if i >= n_epochs:
+            return starts[-1] + steps[-1]
+        return starts[i] + round((epoch - i) * steps[i])
+
+    return starts, steps, update_of
 
 
 def lr_factor(scaling: Any, r: float) -> float:
@@ -134,11 +155,7 @@ def make_plan(cfg: Any, train_size: int, world_size: int = 1) -> Plan:
         phases = lr_phases
 
     n_epochs = max(math.ceil(epochs - 1e-9), 1)
-    batches, b = [], cfg.batch
-    changes = dict(batch_changes)
-    for i in range(n_epochs):
-        b = changes.get(i, b)
-        batches.append(b)
+    batches = expand_batches([[0, cfg.batch], *batch_changes], n_epochs)
     ghost = cfg.ghost_batch if regime.ghost_bn else None
     for i, b in enumerate(batches):
         if b > train_size:
@@ -148,17 +165,7 @@ def make_plan(cfg: Any, train_size: int, world_size: int = 1) -> Plan:
         if ghost and (b // world_size) % ghost:
             per_rank = b // world_size
             raise ConfigError("ghost_batch", ghost, f"must divide the per-process batch of epoch {i} ({per_rank})")
-    steps = [train_size // b for b in batches]
-    starts = [0]
-    for s in steps[:-1]:
-        starts.append(starts[-1] + s)
-
-    def update_of(epoch: float) -> int:  # `steps` are full epochs' updates here
-        i = min(int(math.floor(epoch + 1e-9)), n_epochs)
-        if i >= n_epochs:
-            return starts[-1] + steps[-1]
-        return starts[i] + round((epoch - i) * steps[i])
-
+    starts, steps, update_of = epoch_layout(train_size, batches)
     total = update_of(epochs)
     warmup = update_of(regime.warmup_epochs * stretch) if regime.warmup_epochs else 0
     lr_updates, lr_values = [], []
@@ -169,6 +176,10 @@ def make_plan(cfg: Any, train_size: int, world_size: int = 1) -> Plan:
         else:
             lr_updates.append(u)
             lr_values.append(lr)
+    if total < 1:
+        key, value = ("epochs", cfg.epochs) if cfg.epochs is not None else ("base.epochs", base.epochs)
+        raise ConfigError(key, value, f"gives 0 updates at batch {cfg.batch} of {train_size} samples (one update "
+                          f"is {cfg.batch / train_size:.3g} epochs)")
     steps[-1] = total - starts[-1]  # a fractional last epoch is partial
     return Plan(
         train_size=train_size,
@@ -190,8 +201,7 @@ def make_plan(cfg: Any, train_size: int, world_size: int = 1) -> Plan:
 
 def effective(cfg: Any, key: str) -> Any:
     """OmegaConf resolver body: one effective value of the planned run (for `lbtrain --cfg job`)."""
-    name = cfg.dataset.name
-    size = cfg.dataset.train_size if name == "synthetic" else KNOWN_TRAIN_SIZES.get(name)
+    size = catalog_train_size(cfg.dataset)
     if size is None:
         return None
     try:

@@ -1,10 +1,16 @@
-"""The one training loop: plan, step, evaluate, log, checkpoint. Read top to bottom, it is what a run does."""
+"""The one training loop: plan, step, evaluate, log, checkpoint. Read top to bottom, it is what a run does.
+
+`Trainer(cfg, run_dir).setup()` builds everything (data on the device, model, optimizer, the run's state, or all
+of it restored from a checkpoint); `fit()` is the flat loop over epochs and updates. What changes while a run
+trains lives in one object, `RunState`, with `state_dict()` / `load_state_dict()`; the checkpoint is that plus
+the model, the optimizer, w_0 and the RNG states. Extensions (instruments, benchmarks, tests) attach to the
+public `hooks` instead of patching methods.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import logging
 import math
 import os
@@ -12,28 +18,35 @@ import signal
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
+import lbtrain
 from lbtrain import distributed
 from lbtrain.checkpoint import CheckpointError, atomic_write_json, load_checkpoint, save_checkpoint
-from lbtrain.config import ConfigError
+from lbtrain.config import ConfigError, schema_defaults
 from lbtrain.data import load_dataset, make_loaders
 from lbtrain.ghost_bn import apply_deferred_stats, convert_to_ghost_bn, defer_running_stats
+from lbtrain.identity import describe_diff, diff
 from lbtrain.metrics import fit_log, log_spaced_steps, weight_distance
 from lbtrain.models import build_model
-from lbtrain.regime import Plan, make_plan
+from lbtrain.preflight import Checked, pick_device, preflight
+from lbtrain.regime import Plan
+from lbtrain.results import FINAL, Results
+from lbtrain.rundir import FolderState, check_folder
 from lbtrain.tb import TBLogger
 
 log = logging.getLogger("lbtrain")
 
-# Config keys a checkpoint must agree on before it is resumed (else it belongs to another run).
-_FINGERPRINT = ("name", "dataset.name", "model", "batch", "seed", "regime.name")
+CHECKPOINT_KEYS = ("model", "optimizer", "w0", "state", "rng", "identity")
+DIVERGENCE_CHECK_EVERY = 8  # updates between the loop's (sync-free) looks at the training loss
 
 
 class Interrupted(BaseException):
@@ -43,15 +56,8 @@ class Interrupted(BaseException):
         self.signum = signum
         super().__init__(f"interrupted by {signal.Signals(signum).name}")
 
-
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    elif name == "cuda":
-        name = f"cuda:{local_rank}"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("device", name, "CUDA is not available on this machine; use device=cpu or auto")
-    return torch.device(name)
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.signum,))  # picklable: sweep launchers return exceptions by pickling
 
 
 def set_determinism(seed: int, deterministic: bool) -> None:
@@ -62,72 +68,234 @@ def set_determinism(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
     else:
+        torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.benchmark = True
 
 
-def _fingerprint(cfg: Any) -> dict[str, Any]:
-    return {k: OmegaConf.to_container(OmegaConf.select(cfg, k), resolve=True)
-            if OmegaConf.is_config(OmegaConf.select(cfg, k)) else OmegaConf.select(cfg, k) for k in _FINGERPRINT}
+def set_threads(threads: int | None) -> None:
+    """`threads=N`: torch's intra-op and inter-op thread pools (None: leave what the environment chose)."""
+    if threads is None:
+        return
+    torch.set_num_threads(threads)
+    with contextlib.suppress(RuntimeError):  # the inter-op pool can only be sized before its first use
+        torch.set_num_interop_threads(threads)
 
 
+# ---------------------------------------------------------------------------------------------- run state
+@dataclass
+class RunState:
+    """Everything about a run that changes while it trains, other than model and optimizer."""
+
+    device: torch.device
+    step: int = 0  # optimizer updates made
+    epochs_done: int = 0  # epochs whose end (distance, validation) has been handled
+    status: str = "running"
+    best_val_error: float = math.inf
+    last_val: dict[str, float] = field(default_factory=dict)
+    distances: list[tuple[int, float]] = field(default_factory=list)  # (update, ||w_t - w_0||) read so far
+    wall: float = 0.0  # seconds of fit() so far, over all attempts
+    images: int = 0  # training images processed
+    diverged_at: int | None = None
+    # On the device, summed since the last log step: loss * n, correct, n; and the last gradient norm.
+    acc: torch.Tensor = field(init=False)
+    grad_norm: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.zero_interval()
+
+    def zero_interval(self) -> None:
+        self.acc = torch.zeros(3, device=self.device)
+        self.grad_norm = torch.zeros((), device=self.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "epochs_done": self.epochs_done, "status": self.status,
+                "best_val_error": self.best_val_error, "last_val": dict(self.last_val),
+                "distances": list(self.distances), "wall": self.wall, "images": self.images,
+                "diverged_at": self.diverged_at, "acc": self.acc.detach().clone(),  # torch.save copies them to
+                "grad_norm": self.grad_norm.detach().clone()}  # the host itself (a read here would be a sync)
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.step, self.epochs_done, self.status = int(d["step"]), int(d["epochs_done"]), str(d["status"])
+        self.best_val_error, self.last_val = float(d["best_val_error"]), dict(d["last_val"])
+        self.distances = [(int(s), float(v)) for s, v in d["distances"]]
+        self.wall, self.images, self.diverged_at = float(d["wall"]), int(d["images"]), d["diverged_at"]
+        self.acc = d["acc"].to(self.device)
+        self.grad_norm = d["grad_norm"].to(self.device)
+
+
+# ------------------------------------------------------------------------------------------------- hooks
+@dataclass
+class Hooks:
+    """Public extension points, each a list of callables run in order. Empty lists cost nothing.
+
+    - `micro_backward(trainer, index, parts)`: after the backward of micro-batch `index` of `parts` (parts == 1
+      without accumulation); `p.grad` holds the sum over micro-batches so far, scaled to the whole batch.
+    - `after_backward(trainer, x, y, log_now)`: the whole update's gradient is in `p.grad` (before clipping and the
+      optimizer step); `x`, `y` this process's batch; `log_now` whether this update is a log step.
+    - `step_end(trainer)`: after the optimizer step; `trainer.state.step` counts it.
+    - `log(trainer, scalars)`: at a log step, with the train/opt scalars just written (host values).
+    - `epoch_end(trainer, epoch)`: after an epoch's distance, validation and log line.
+    """
+
+    micro_backward: list[Callable[..., None]] = field(default_factory=list)
+    after_backward: list[Callable[..., None]] = field(default_factory=list)
+    step_end: list[Callable[..., None]] = field(default_factory=list)
+    log: list[Callable[..., None]] = field(default_factory=list)
+    epoch_end: list[Callable[..., None]] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------ preemption, faults
+PENDING_SIGNALS: list[int] = []  # signals a launcher's worker received before fit() began (see lbtrain.cli)
+
+
+class Preemption:
+    """SIGTERM / SIGINT / SIGUSR2 while training: finish the update, checkpoint, stop (a second signal exits at
+    once). SIGUSR2 is what SLURM/submitit send before a time limit; a launcher's own handler for it runs after the
+    checkpoint (`chain`). `LBTRAIN_TEST_SIGNAL=SIGKILL@37` sends that signal to this process after update 37
+    (fault injection for tests). Signals recorded in PENDING_SIGNALS before training began stop it at once."""
+
+    SIGNALS = tuple(s for s in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR2", None)) if s is not None)
+
+    def __init__(self) -> None:
+        self.received: list[int] = PENDING_SIGNALS[:1]
+        self.previous: dict[int, Any] = {}
+        spec = os.environ.get("LBTRAIN_TEST_SIGNAL")
+        name, _, step = (spec or "").partition("@")
+        self.fault = (int(getattr(signal, name)), int(step)) if spec else None
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.received:
+            os._exit(128 + signum)
+        self.received.append(signum)
+        log.warning("received %s: stopping after this update (send again to exit at once)",
+                    signal.Signals(signum).name)
+
+    def __enter__(self) -> Preemption:
+        for sig in self.SIGNALS:
+            try:
+                self.previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread (some launchers): no preemption handling
+                pass
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self.previous.items():
+            signal.signal(sig, old)
+
+    def after_update(self, step: int) -> None:
+        if self.fault and self.fault[1] == step:
+            os.kill(os.getpid(), self.fault[0])
+
+    def requested(self, may_sync: bool, device: torch.device) -> bool:
+        """Whether to stop now. Under DDP every rank must agree, so ranks compare flags at log steps only."""
+        if distributed.env_world().enabled:
+            return may_sync and distributed.broadcast_flag(bool(self.received), device)
+        return bool(self.received)
+
+    def chain(self, signum: int) -> None:
+        previous = self.previous.get(signum)
+        if signum == getattr(signal, "SIGUSR2", None) and callable(previous):
+            previous(signum, None)  # e.g. submitit's requeue, now that the checkpoint is safe
+
+
+class DivergenceMonitor:
+    """Notices a non-finite (or above `diverge_loss`) training loss within DIVERGENCE_CHECK_EVERY updates, whatever
+    `log_every` is, without a host sync: every few updates the device writes a flag into host memory (a
+    non-blocking copy into pinned memory on CUDA, followed by an event), and the loop reads the flag of the
+    previous check once its event has completed: a plain memory read."""
+
+    def __init__(self, device: torch.device, limit: float) -> None:
+        self.limit = limit
+        cuda = device.type == "cuda"
+        self.host = torch.zeros(1, dtype=torch.bool, pin_memory=cuda)
+        self.view = self.host.numpy()  # read through numpy: no tensor method, no sync
+        self.event = torch.cuda.Event() if cuda else None
+        self.pending = False
+
+    def check(self, acc: torch.Tensor) -> bool:
+        """acc = [loss sum, correct, n] of the current interval. True once a completed check saw divergence."""
+        if self.pending and self.event is not None and not self.event.query():
+            return False  # the previous check's flag is not in host memory yet
+        if self.pending:
+            self.pending = False
+            if bool(self.view[0]):
+                return True
+        bad = ~torch.isfinite(acc[0]) | (acc[0] > self.limit * acc[2])
+        self.host.copy_(bad.reshape(1), non_blocking=True)
+        if self.event is None:  # on the CPU the copy is done: read it now
+            return bool(self.view[0])
+        self.event.record()
+        self.pending = True
+        return False
+
+
+# ------------------------------------------------------------------------------------------------ trainer
 class Trainer:
     def __init__(self, cfg: Any, run_dir: str | Path):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.dist = distributed.env_world()
-        self.device = pick_device(cfg.device, self.dist.local_rank)
+        self.device = pick_device(str(cfg.device), self.dist.local_rank)
+        self.hooks = Hooks()
 
-    # ------------------------------------------------------------------ set-up
+    @property
+    def ckpt_path(self) -> Path:
+        return self.run_dir / "checkpoint.pt"
+
+    @property
+    def target_updates(self) -> int:
+        """Where this run stops: the plan's last update, or `max_steps` when that comes first."""
+        total = self.plan.total_updates
+        return min(total, self.cfg.max_steps) if self.cfg.max_steps else total
+
+    # ---------------------------------------------------------------------------------------------- set-up
     def setup(self) -> None:
         cfg, dev = self.cfg, self.device
         self.dist = distributed.init(dev)
+        set_threads(cfg.threads)
         set_determinism(cfg.seed, cfg.deterministic)
-        data = load_dataset(cfg.dataset)  # not kept: on CUDA the loaders hold it, on the device
+        try:
+            data = load_dataset(cfg.dataset)  # not kept: on CUDA the loaders hold it, on the device
+        except ValueError as e:  # a subset that the data's classes cannot fill
+            raise ConfigError("dataset.subset", cfg.dataset.subset, str(e)) from None
+        self.checked: Checked = preflight(cfg, self.dist.world, train_size=data.train_size,
+                                          num_classes=data.num_classes, input_shape=data.input_shape,
+                                          local_rank=self.dist.local_rank, check_data=False)
+        self.plan: Plan = self.checked.plan
+        self.identity, self.identity_hash = self.checked.identity, self.checked.identity_hash
+        # the CLI holds the folder's lock; API users (tests, scripts) own their folders
+        self.folder: FolderState = check_folder(self.run_dir, self.identity, schema_defaults(), cfg.resume,
+                                                check_lock=False)
         self.train_loader, self.val_loader = make_loaders(
             data, device=dev, seed=cfg.seed, channels_last=cfg.channels_last)
-        self.plan: Plan = make_plan(cfg, len(self.train_loader), self.dist.world)
 
-        try:
-            model = build_model(cfg.model, data.num_classes, data.input_shape)
-        except ValueError as e:  # unknown model option or shape: a config mistake
-            raise ConfigError("model", OmegaConf.to_container(cfg.model), str(e)) from None
+        model = build_model(cfg.model, data.num_classes, data.input_shape)
         if self.plan.ghost_batch:
             model = convert_to_ghost_bn(model, self.plan.ghost_batch)
         model = model.to(dev, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
         self.net = model  # the plain module: checkpoints and the weight distance use it
         self.params = [p for p in model.parameters() if p.requires_grad]
         b = cfg.base
-        self.opt = torch.optim.SGD(self.params, lr=self.plan.lr, momentum=b.momentum, weight_decay=b.weight_decay,
-                                   nesterov=b.nesterov, fused=dev.type == "cuda" or None)
+        self.opt = torch.optim.SGD(self.params, lr=self.plan.lr, momentum=self.plan.momentum,
+                                   weight_decay=b.weight_decay, nesterov=b.nesterov, fused=dev.type == "cuda" or None)
         # Read on every update: plain attributes, not config lookups (~10-25 us each).
         self.micro_batch, self.grad_clip = cfg.micro_batch, b.grad_clip
-        self.log_every, self.diverge_loss = cfg.log_every, cfg.diverge_loss
-        self.every_steps = cfg.checkpoint.every_steps
-        self.num_classes, self.input_shape = data.num_classes, data.input_shape
+        self.log_every, self.every_steps = cfg.log_every, cfg.checkpoint.every_steps
         self.w0 = [p.detach().clone() for p in self.params]
         self.autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision.name == "bf16")
+        self.state = RunState(dev)
+        self._pending: list[tuple[int, torch.Tensor]] = []  # distances measured on the device, not yet read
+        # Under DDP ranks must agree on when to stop, so divergence is only looked at on log steps there.
+        self.monitor = DivergenceMonitor(dev, cfg.diverge_loss) if not self.dist.enabled else None
 
-        # Run state (all of it goes into the checkpoint).
-        self.step = 0
-        self.epochs_done = 0  # epochs whose end (distance, validation) has been handled
-        self.best_val_error = math.inf
-        self.last_val: dict[str, float] = {}
-        self.distances: list[tuple[int, float]] = []
-        self._pending: list[tuple[int, torch.Tensor]] = []  # distances measured but not yet read
-        self.wall = 0.0
-        self.images = 0
-        self._zero_accumulators()
-        self.status = "running"
-
-        per_rank = cfg.batch // self.dist.world
         # Accumulating: ghost BN running stats get the one update of the whole step after the last micro-batch.
         self.deferred_bn = defer_running_stats(model) if self.micro_batch and self.plan.ghost_batch else []
-        self.bn_batch = self.plan.ghost_batch or (self.micro_batch or per_rank)
-        if not self.plan.ghost_batch and self.bn_batch < cfg.batch and _has_batchnorm(model):
+        self.bn_batch = self.checked.bn_batch
+        if not self.plan.ghost_batch and self.bn_batch < cfg.batch and self.checked.has_batchnorm:
             log.warning("BatchNorm statistics are computed over %d samples (%s), not the batch of %d: this acts like "
                         "ghost batch norm of that size. Recorded as bn_batch in results.json.", self.bn_batch,
                         "micro_batch" if self.micro_batch else "the per-process share", cfg.batch)
-        self.resumed_from = self._maybe_resume()
+        self.resumed_from = None if self.folder.final else self._resume()
         self.model = model
         if self.dist.enabled:
             # Buffers are not broadcast from rank 0: each rank updates BN running stats from its own (ghost)
@@ -140,43 +308,15 @@ class Trainer:
         if cfg.compile:
             self.model = torch.compile(self.model)
         self.distance_steps = log_spaced_steps(self.plan.total_updates)
-        if not self.resumed_from and self.dist.main:
+        if not self.resumed_from and self.dist.main and not self.folder.final:
             # a run killed before its first checkpoint starts over: its points would otherwise be duplicated
             for stale in self.run_dir.glob("events.out.tfevents.*"):
                 log.info("starting over: removing %s of an earlier attempt without a checkpoint", stale.name)
                 stale.unlink()
-        self.tb = TBLogger(self.run_dir, enabled=self.dist.main,
-                           purge_step=self.step + 1 if self.resumed_from else None)
+        self.tb = TBLogger(self.run_dir, enabled=self.dist.main and not self.folder.final,
+                           purge_step=self.state.step + 1 if self.resumed_from else None)
 
-    def _zero_accumulators(self) -> None:
-        z = lambda: torch.zeros((), device=self.device)  # noqa: E731
-        self.acc_loss, self.acc_correct, self.acc_n = z(), z(), z()
-        self.grad_norm = z()
-
-    # ------------------------------------------------------------------ checkpoints
-    @property
-    def ckpt_path(self) -> Path:
-        return self.run_dir / "checkpoint.pt"
-
-    def _state(self) -> dict[str, Any]:
-        return {
-            "model": self.net.state_dict(),
-            "optimizer": self.opt.state_dict(),
-            "step": self.step,
-            "epochs_done": self.epochs_done,
-            "w0": self.w0,
-            "best_val_error": self.best_val_error,
-            "last_val": self.last_val,
-            "distances": self.distances,
-            "wall": self.wall,
-            "images": self.images,
-            "accumulators": [self.acc_loss, self.acc_correct, self.acc_n, self.grad_norm],
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
-            "fingerprint": _fingerprint(self.cfg),
-            "plan": self.plan.summary(),
-        }
-
+    # ------------------------------------------------------------------------------------------ checkpoints
     def sync_buffers(self) -> None:
         """Average floating-point buffers (BN running stats) over ranks; a no-op in one process."""
         if self.dist.enabled:
@@ -187,48 +327,51 @@ class Trainer:
     def save(self) -> None:
         self.flush_distances()
         self.sync_buffers()
+        st = self.state
         if self.dist.enabled:  # the checkpoint holds the interval's metric sums over all ranks, on rank 0
-            sums = distributed.all_reduce_sum(torch.stack([self.acc_loss, self.acc_correct, self.acc_n]))
-            self.acc_loss, self.acc_correct, self.acc_n = sums if self.dist.main else torch.zeros_like(sums)
+            sums = distributed.all_reduce_sum(st.acc.clone())
+            st.acc = sums if self.dist.main else torch.zeros_like(sums)
         if self.dist.main:
             self.tb.flush()  # every point up to this step is on disk before the checkpoint says so
-            save_checkpoint(self.ckpt_path, self._state())
+            rng = {"torch": torch.get_rng_state(),
+                   "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+            save_checkpoint(self.ckpt_path, {
+                "model": self.net.state_dict(), "optimizer": self.opt.state_dict(), "w0": self.w0,
+                "state": st.state_dict(), "rng": rng, "identity": self.identity,
+                "identity_hash": self.identity_hash, "plan": self.plan.summary(),
+            }, meta={"identity": self.identity, "identity_hash": self.identity_hash, "status": st.status,
+                     "step": st.step, "version": lbtrain.__version__})
 
-    def _maybe_resume(self) -> Path | None:
-        path = Path(self.cfg.resume) if self.cfg.resume else self.ckpt_path
-        if not path.exists():
-            if self.cfg.resume:
-                raise ConfigError("resume", str(path), "no such checkpoint file")
+    def _resume(self) -> Path | None:
+        """Restore the run from its own checkpoint, else from `resume=PATH` (a checkpoint of this same run moved
+        elsewhere); None when starting fresh. Any identity difference is refused, listing every differing key."""
+        path = self.ckpt_path if self.ckpt_path.exists() else (Path(self.cfg.resume) if self.cfg.resume else None)
+        if path is None:
             return None
-        state = load_checkpoint(path, map_location=self.device)
-        mine = _fingerprint(self.cfg)
-        if state.get("fingerprint") != mine:
-            theirs = state.get("fingerprint", {})
-            diff = ", ".join(f"{k}={theirs.get(k)!r} (this run: {mine[k]!r})"
-                             for k in mine if theirs.get(k) != mine[k])
-            raise ConfigError("resume", str(path), f"checkpoint is from another run: {diff}")
-        self.net.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
-        for w, saved in zip(self.w0, state["w0"]):
+        if not path.exists():
+            raise ConfigError("resume", str(path), "no such checkpoint file")
+        ckpt = load_checkpoint(path, map_location=self.device, required=CHECKPOINT_KEYS)
+        changes = diff(ckpt["identity"], self.identity, schema_defaults())
+        if changes:
+            raise ConfigError("resume", str(path), "checkpoint belongs to another run: "
+                              + describe_diff(changes, "checkpoint", "this run"))
+        self.net.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        for w, saved in zip(self.w0, ckpt["w0"]):
             w.copy_(saved)
-        self.step = state["step"]
-        self.epochs_done = state["epochs_done"]
-        self.best_val_error = state["best_val_error"]
-        self.last_val = state["last_val"]
-        self.distances = [tuple(d) for d in state["distances"]]
-        self.wall, self.images = state["wall"], state["images"]
-        self.acc_loss, self.acc_correct, self.acc_n, self.grad_norm = (
-            t.to(self.device) for t in state["accumulators"])
+        self.state.load_state_dict(ckpt["state"])
+        if self.state.status not in FINAL:
+            self.state.status = "running"  # an interrupted (or failed) attempt goes on
         if not self.dist.main:  # rank 0 carries the sums of all ranks (see save)
-            self.acc_loss, self.acc_correct, self.acc_n = (torch.zeros_like(self.acc_loss) for _ in range(3))
-        torch.set_rng_state(state["rng"]["torch"].cpu())
-        if state["rng"]["cuda"] is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), self.device)
-        log.info("resuming %s from update %d", path, self.step)
+            self.state.acc.zero_()
+        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+        if ckpt["rng"]["cuda"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), self.device)
+        log.info("resuming %s from update %d", path, self.state.step)
         return path
 
-    # ------------------------------------------------------------------ one update
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, want_grad_norm: bool) -> None:
+    # -------------------------------------------------------------------------------------------- one update
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, log_now: bool) -> None:
         """One optimizer update on a (per-rank) batch, split into micro-batches if asked. No host sync.
         The model is in train mode (fit() sets it, and again after each evaluation)."""
         self.opt.zero_grad(set_to_none=True)
@@ -238,26 +381,31 @@ class Trainer:
         # a micro-batch is then one of the whole batch, and the update equals the one without accumulation.
         chunks = [(x, y)] if parts == 1 else list(zip(x.unflatten(0, (-1, parts)).transpose(0, 1),
                                                       y.view(-1, parts).t()))
+        acc = self.state.acc
         for i, (xc, yc) in enumerate(chunks):
             # DDP: all-reduce gradients only on the last micro-batch (no_sync is one-shot: one `with` per chunk)
-            sync = self.model.no_sync() if self.dist.enabled and i < len(chunks) - 1 else contextlib.nullcontext()
+            sync = self.model.no_sync() if self.dist.enabled and i < parts - 1 else contextlib.nullcontext()
             with sync:
                 with self.autocast:
                     out = self.model(xc)
                     loss = F.cross_entropy(out.float(), yc)
                 (loss * (yc.shape[0] / n)).backward()
-            self.acc_loss += loss.detach() * yc.shape[0]
-            self.acc_correct += (out.argmax(1) == yc).sum()
-        self.acc_n += n
+            acc[0] += loss.detach() * yc.shape[0]
+            acc[1] += (out.argmax(1) == yc).sum()
+            for hook in self.hooks.micro_backward:
+                hook(self, i, parts)
+        acc[2] += n
         apply_deferred_stats(self.deferred_bn)
+        for hook in self.hooks.after_backward:
+            hook(self, x, y, log_now)
         if self.grad_clip is not None:
-            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
-        elif want_grad_norm:
-            self.grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None],
-                                                           foreach=True)
+            self.state.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
+        elif log_now:
+            self.state.grad_norm = torch.nn.utils.get_total_norm(
+                [p.grad for p in self.params if p.grad is not None], foreach=True)
         self.opt.step()
 
-    # ------------------------------------------------------------------ evaluation
+    # -------------------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         self.sync_buffers()
@@ -276,258 +424,216 @@ class Trainer:
         self.model.train()
         return {"val/loss": loss / count, "val/error": 1.0 - correct / count}
 
-    # ------------------------------------------------------------------ logging
+    # ----------------------------------------------------------------------------------------------- logging
     def log_train(self, interval_images: int, interval_time: float) -> float:
         """Write train/* and opt/* for the interval since the last log; returns the mean train loss."""
-        acc = distributed.all_reduce_sum(torch.stack([self.acc_loss, self.acc_correct, self.acc_n]))
+        st = self.state
+        acc = distributed.all_reduce_sum(st.acc.clone())
         # one host sync for all of it; the gradient norm is the same on every rank (gradients are all-reduced)
-        loss_sum, correct, n, grad_norm = torch.cat([acc, self.grad_norm.float().reshape(1)]).tolist()
-        loss = loss_sum / n
+        loss_sum, correct, n, grad_norm = torch.cat([acc, st.grad_norm.float().reshape(1)]).tolist()
+        loss = loss_sum / n if n else math.nan
         self.flush_distances()
-        self.tb.scalars(self.step, {
+        last = st.step - 1
+        scalars = {
             "train/loss": loss,
-            "train/error": 1.0 - correct / n,
-            "opt/lr": self.plan.lr_at(self.step - 1),
-            "opt/batch_size": self.plan.batch_at(self.step - 1),
-            "opt/noise_scale": self.plan.noise_scale(self.step - 1),
+            "train/error": 1.0 - correct / n if n else math.nan,
+            "opt/lr": self.plan.lr_at(last),
+            "opt/batch_size": self.plan.batch_at(last),
+            "opt/noise_scale": self.plan.noise_scale(last),
             "opt/grad_norm": grad_norm,
             "perf/images_per_sec": interval_images / max(interval_time, 1e-9),
-        })
-        self._zero_accumulators()
+        }
+        self.tb.scalars(st.step, scalars)
+        st.zero_interval()
+        for hook in self.hooks.log:
+            hook(self, scalars)
         return loss
 
     def log_distance(self) -> None:
         """Measure ||w_t - w_0|| now, on the device; it is read (and written) at the next log point."""
-        last = self._pending[-1][0] if self._pending else (self.distances[-1][0] if self.distances else None)
-        if last != self.step:
-            self._pending.append((self.step, weight_distance(self.params, self.w0)))
+        st = self.state
+        last = self._pending[-1][0] if self._pending else (st.distances[-1][0] if st.distances else None)
+        if last != st.step:
+            self._pending.append((st.step, weight_distance(self.params, self.w0)))
 
     def flush_distances(self) -> None:
         if not self._pending:
             return
         values = torch.stack([d for _, d in self._pending]).tolist()  # one host sync for all of them
         for (step, _), d in zip(self._pending, values):
-            self.distances.append((step, d))
+            self.state.distances.append((step, d))
             self.tb.scalars(step, {"weights/distance": d})
         self._pending = []
 
-    # ------------------------------------------------------------------ the run
+    # ------------------------------------------------------------------------------------------------ the run
     def fit(self) -> dict[str, Any]:
-        cfg, plan = self.cfg, self.plan
-        previous = self._previous_status()
-        if self.resumed_from and previous in ("completed", "diverged"):
-            log.info("run already %s (%d updates); nothing to do. Results: %s", previous, self.step,
+        """Train to the end of the plan (or max_steps); returns results.json's content."""
+        cfg, plan, st = self.cfg, self.plan, self.state
+        if self.folder.final or st.status in FINAL:
+            # completed/diverged before: nothing is trained, deleted or rewritten (results are rebuilt only when
+            # results.json was lost and the checkpoint knows the outcome)
+            previous = self.folder.results
+            log.info("run already %s (%d updates); nothing to do. Results: %s",
+                     previous.status if previous else st.status, previous.updates if previous else st.step,
                      self.run_dir / "results.json")
-            return self.results(previous)
+            return previous.to_dict() if previous else self._write_results()
         if not self.resumed_from:
             self.tb.hparams(self.hparams())
             self.tb.scalars(0, {"weights/distance": 0.0})
-            self.distances.append((0, 0.0))
-
-        stop_signal: list[int] = []
-        handlers = self._install_signal_handlers(stop_signal)
-        fault = _test_fault()
-        target = self._target_updates()
-        bar = tqdm(total=target, initial=self.step, unit="upd", dynamic_ncols=True,
-                   disable=not self._show_progress(), file=sys.stderr)
-        tick, tick_images = time.perf_counter(), 0
-        run_start = time.perf_counter() - self.wall
-        self.model.train()
-        try:
-            # Invariant: a checkpoint at update s is written after everything logged for s, so a resumed
-            # run purges TensorBoard points after s and re-logs nothing at or before s.
-            while self.status == "running" and self.epochs_done < plan.num_epochs and self.step <= target:
-                epoch = self.epochs_done
-                batch = plan.batch_at_epoch(epoch)
-                begin = self.step - plan.epoch_start[epoch]
-                end = min(plan.epoch_start[epoch] + plan.epoch_steps[epoch], target)
-                batches = self.train_loader.epoch(epoch, batch, begin, self.dist.rank, self.dist.world)
-                for x, y in itertools.islice(batches, max(end - self.step, 0)):
-                    nxt = self.step + 1
-                    log_now = nxt % self.log_every == 0 or nxt == target
-                    for g in self.opt.param_groups:
-                        g["lr"] = plan.lr_at(self.step)
-                    self.train_step(x, y, want_grad_norm=log_now)
-                    self.step = nxt
-                    tick_images += batch
-                    bar.update(1)
-                    if fault and fault[1] == self.step:
-                        os.kill(os.getpid(), fault[0])
-                    if log_now:
-                        now = time.perf_counter()
-                        loss = self.log_train(tick_images, now - tick)
-                        self.images += tick_images
-                        tick, tick_images = now, 0
-                        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{plan.lr_at(self.step - 1):.3g}", batch=batch)
-                        if not math.isfinite(loss) or loss > self.diverge_loss:
-                            self._diverged(loss)
-                            break
-                    if self.step in self.distance_steps:
-                        self.log_distance()
-                    if self.step < end and self._step_checkpoint_due():
-                        self.wall = time.perf_counter() - run_start
+            st.distances.append((0, 0.0))
+        target = self.target_updates
+        start = time.perf_counter() - st.wall  # wall time accumulates over attempts
+        with Preemption() as preempt, self._progress(target) as bar:
+            try:
+                self.model.train()
+                tick, tick_images = time.perf_counter(), 0
+                for epoch in range(st.epochs_done, plan.num_epochs):
+                    batch = plan.batch_at_epoch(epoch)
+                    end = min(plan.epoch_start[epoch] + plan.epoch_steps[epoch], target)
+                    for x, y in self._batches(epoch, batch, end):
+                        log_now = (st.step + 1) % self.log_every == 0 or st.step + 1 == target
+                        for g in self.opt.param_groups:
+                            g["lr"] = plan.lr_at(st.step)
+                        self.train_step(x, y, log_now)
+                        st.step += 1
+                        tick_images += batch
+                        bar.update(1)
+                        preempt.after_update(st.step)
+                        for hook in self.hooks.step_end:
+                            hook(self)
+                        if (self.monitor and st.step % DIVERGENCE_CHECK_EVERY == 0
+                                and self.monitor.check(st.acc)):
+                            log_now = True  # write the interval's (bad) loss, then stop
+                        if log_now:
+                            now = time.perf_counter()
+                            loss = self.log_train(tick_images, now - tick)
+                            st.images += tick_images
+                            tick, tick_images = now, 0
+                            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{plan.lr_at(st.step - 1):.3g}", batch=batch)
+                            if not math.isfinite(loss) or loss > cfg.diverge_loss:
+                                self._diverged(loss)
+                                break
+                        if st.step in self.distance_steps:
+                            self.log_distance()
+                        if st.step < end and self.every_steps and st.step % self.every_steps == 0:
+                            st.wall = time.perf_counter() - start
+                            self.save()
+                        if preempt.requested(log_now, self.device):
+                            raise Interrupted(preempt.received[0] if preempt.received else signal.SIGTERM)
+                    if st.status != "running":
+                        break
+                    final = st.step >= target
+                    self._end_of_epoch(epoch, final)
+                    st.epochs_done += 1
+                    tick = time.perf_counter()  # evaluation time is not training throughput
+                    if final:
+                        break
+                    every = cfg.checkpoint.every_epochs
+                    if (every and st.epochs_done % every == 0) or (self.every_steps and
+                                                                   st.step % self.every_steps == 0):
+                        st.wall = time.perf_counter() - start
                         self.save()
-                    # DDP: every rank must agree to stop, so ranks compare flags at log steps only
-                    stop = (log_now and distributed.broadcast_flag(bool(stop_signal), self.device)
-                            if self.dist.enabled else bool(stop_signal))
-                    if stop:
-                        raise Interrupted(stop_signal[0] if stop_signal else signal.SIGTERM)
-                if self.status != "running":
-                    break
-                final = self.step >= target
-                self._end_of_epoch(epoch, final)
-                self.epochs_done += 1
-                tick = time.perf_counter()  # evaluation time is not training throughput
-                every = cfg.checkpoint.every_epochs
-                if not final and ((every and self.epochs_done % every == 0) or self._step_checkpoint_due()):
-                    self.wall = time.perf_counter() - run_start
-                    self.save()
-                if final:
-                    break
-            if self.status == "running":
-                self.status = "completed"
-            self.wall = time.perf_counter() - run_start
-            self.images += tick_images
-            self.save()
-        except Interrupted as e:
-            self.wall = time.perf_counter() - run_start
-            self.images += tick_images
-            self.status = "interrupted"
-            self.save()
-            self._write_results()
-            log.warning("interrupted at update %d; checkpoint saved. Re-run the same command to resume.",
-                        self.step)
-            previous = handlers.get(e.signum)
-            if e.signum == getattr(signal, "SIGUSR2", None) and callable(previous):
-                previous(e.signum, None)  # a launcher's own handler (submitit: requeue the job), now that it is safe
-            raise
-        finally:
-            bar.close()
-            for sig, old in handlers.items():
-                signal.signal(sig, old)
+                if st.status == "running":
+                    st.status = "completed"
+                st.images += tick_images
+                st.wall = time.perf_counter() - start
+                self.save()
+            except Interrupted as e:
+                st.wall = time.perf_counter() - start
+                st.images += tick_images
+                st.status = "interrupted"
+                self.save()
+                self._write_results()
+                log.warning("interrupted at update %d; checkpoint saved. Re-run the same command to resume.", st.step)
+                preempt.chain(e.signum)
+                raise
         self.tb.hparams(self.hparams(), end=True)
-        if math.isfinite(self.best_val_error):  # a run that diverged before any evaluation has none
-            self.tb.scalars(self.step, {"val/best_error": self.best_val_error})
+        if math.isfinite(st.best_val_error):  # a run that diverged before any evaluation has none
+            self.tb.scalars(st.step, {"val/best_error": st.best_val_error})
         self.tb.close()
         return self._write_results()
 
-    def _step_checkpoint_due(self) -> bool:
-        return bool(self.every_steps) and self.step % self.every_steps == 0
+    def _batches(self, epoch: int, batch: int, end: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This process's batches of `epoch`, from the current update up to update `end`."""
+        st, plan = self.state, self.plan
+        begin = st.step - plan.epoch_start[epoch]
+        batches = self.train_loader.epoch(epoch, batch, begin, self.dist.rank, self.dist.world)
+        return itertools.islice(batches, max(end - st.step, 0))
 
-    def _target_updates(self) -> int:
-        total = self.plan.total_updates
-        return min(total, self.cfg.max_steps) if self.cfg.max_steps else total
+    @contextlib.contextmanager
+    def _progress(self, target: int) -> Iterator[tqdm]:
+        """The tqdm bar (in a terminal, or progress=true); log lines print above it instead of through it."""
+        p = self.cfg.progress
+        show = self.dist.main and (sys.stderr.isatty() if p is None else bool(p))
+        bar = tqdm(total=target, initial=self.state.step, unit="upd", dynamic_ncols=True, disable=not show,
+                   file=sys.stderr)
+        try:
+            with logging_redirect_tqdm(loggers=[logging.getLogger()]) if show else contextlib.nullcontext():
+                yield bar
+        finally:
+            bar.close()
 
     def _end_of_epoch(self, epoch: int, final: bool) -> None:
+        st = self.state
         self.log_distance()
         self.flush_distances()
         every = self.cfg.eval_every
         if final or (every and (epoch + 1) % every == 0):
-            self.last_val = self.evaluate()
-            self.best_val_error = min(self.best_val_error, self.last_val["val/error"])
-            self.tb.scalars(self.step, self.last_val)
-        if self.dist.main and not self._show_progress():
-            val = f" val_err {self.last_val['val/error']:.4f}" if self.last_val else ""
+            st.last_val = self.evaluate()
+            st.best_val_error = min(st.best_val_error, st.last_val["val/error"])
+            self.tb.scalars(st.step, st.last_val)
+        if self.dist.main:  # printed above the progress bar in a terminal, always in lbtrain.log
+            val = f" val_err {st.last_val['val/error']:.4f}" if st.last_val else ""
             log.info("epoch %d/%d update %d/%d lr %.4g batch %d dist %.3f%s", epoch + 1, self.plan.num_epochs,
-                     self.step, self._target_updates(), self.plan.lr_at(self.step - 1),
-                     self.plan.batch_at(self.step - 1), self.distances[-1][1], val)
+                     st.step, self.target_updates, self.plan.lr_at(st.step - 1), self.plan.batch_at(st.step - 1),
+                     st.distances[-1][1], val)
+        for hook in self.hooks.epoch_end:
+            hook(self, epoch)
 
     def _diverged(self, loss: float) -> None:
-        self.status = "diverged"
-        self.tb.scalars(self.step, {"status/diverged": 1.0})
+        self.state.status = "diverged"
+        self.state.diverged_at = self.state.step
+        self.tb.scalars(self.state.step, {"status/diverged": 1.0})
         log.error("diverged at update %d: train loss %s (limit diverge_loss=%g); stopping this run",
-                  self.step, loss, self.cfg.diverge_loss)
+                  self.state.step, loss, self.cfg.diverge_loss)
 
-    def _show_progress(self) -> bool:
-        p = self.cfg.progress
-        return self.dist.main and (sys.stderr.isatty() if p is None else bool(p))
-
-    def _previous_status(self) -> str | None:
-        try:
-            return json.loads((self.run_dir / "results.json").read_text())["status"]
-        except (OSError, ValueError, KeyError):
-            return None
-
-    def _install_signal_handlers(self, flag: list[int]) -> dict[int, Any]:
-        """First SIGTERM/SIGINT/SIGUSR2: finish the step, checkpoint, exit. Second: exit at once. SIGUSR2 is
-        what SLURM/submitit send before a time limit; their handler runs after the checkpoint."""
-
-        def handler(signum: int, frame: Any) -> None:
-            if flag:
-                os._exit(128 + signum)
-            flag.append(signum)
-            log.warning("received %s: stopping after this update (send again to exit at once)",
-                        signal.Signals(signum).name)
-
-        old = {}
-        for sig in (signal.SIGTERM, signal.SIGINT, *([signal.SIGUSR2] if hasattr(signal, "SIGUSR2") else [])):
-            try:
-                old[sig] = signal.signal(sig, handler)
-            except ValueError:  # not the main thread (e.g. some launchers): no preemption handling
-                pass
-        return old
-
-    # ------------------------------------------------------------------ results
+    # ----------------------------------------------------------------------------------------------- results
     def hparams(self) -> dict[str, Any]:
         c = self.cfg
-        return {"experiment": c.name, "batch": c.batch, "regime": c.regime.name, "lr": self.plan.lr,
-                "ghost_batch": self.plan.ghost_batch or 0, "seed": c.seed, "base_batch": c.base.batch,
-                "epochs": self.plan.epochs}
+        return {"experiment": c.name, "dataset": c.dataset.name, "batch": c.batch, "regime": c.regime.name,
+                "lr": self.plan.lr, "ghost_batch": self.plan.ghost_batch or 0, "seed": c.seed,
+                "base_batch": c.base.batch, "epochs": self.plan.epochs, "identity": self.identity_hash}
 
-    def results(self, status: str) -> dict[str, Any]:
-        c, plan = self.cfg, self.plan
+    def results(self, status: str | None = None, error: str | None = None) -> Results:
+        c, plan, st = self.cfg, self.plan, self.state
         first_phase_end = plan.lr_updates[1] if len(plan.lr_updates) > 1 else plan.total_updates
-        early = [(t, d) for t, d in self.distances if 1 <= t <= first_phase_end]
-        pts = early if len(early) >= 3 else [(t, d) for t, d in self.distances if t >= 1]
+        early = [(t, d) for t, d in st.distances if 1 <= t <= first_phase_end]
+        pts = early if len(early) >= 3 else [(t, d) for t, d in st.distances if t >= 1]
         fit = fit_log([t for t, _ in pts], [d for _, d in pts])
-        e = plan.epoch_of(self.step)  # epochs done = whole epochs + the fraction of a full epoch's updates
-        done_epochs = e + (self.step - plan.epoch_start[e]) / (plan.train_size // plan.batch_at_epoch(e))
-        finite = lambda v: v if v is not None and math.isfinite(v) else None  # noqa: E731
-        return {
-            "status": status,
-            "experiment": c.name,
-            "dataset": c.dataset.name,
-            "model": c.model.name,
-            "regime": c.regime.name,
-            "batch": c.batch,
-            "base_batch": c.base.batch,
-            "ghost_batch": plan.ghost_batch,
-            "bn_batch": self.bn_batch,  # samples per BatchNorm statistic (ghost, micro-batch or per-rank batch)
-            "seed": c.seed,
-            "lr": plan.lr,
-            "final_val_error": finite(self.last_val.get("val/error")),
-            "final_val_loss": finite(self.last_val.get("val/loss")),
-            "best_val_error": finite(self.best_val_error),
-            "updates": self.step,
-            "planned_updates": plan.total_updates,
-            "epochs": round(done_epochs, 4),
-            "wall_time_s": round(self.wall, 3),
-            "images_per_sec": round(self.images / self.wall, 1) if self.wall > 0 else None,
-            "final_distance": self.distances[-1][1] if self.distances else None,
-            "distance_fit": {**fit, "points": len(pts)},
-            "effective": plan.summary(),
-            "world_size": self.dist.world,
-            "train_size": plan.train_size,
-        }
+        e = plan.epoch_of(st.step)  # epochs done = whole epochs + the fraction of a full epoch's updates
+        done_epochs = e + (st.step - plan.epoch_start[e]) / (plan.train_size // plan.batch_at_epoch(e))
+        return Results(
+            status=status or st.status, error=error, identity=self.identity, identity_hash=self.identity_hash,
+            experiment=c.name, dataset=c.dataset.name, model=c.model.name, regime=c.regime.name, optimizer="sgd",
+            batch=c.batch, base_batch=c.base.batch, ghost_batch=plan.ghost_batch, bn_batch=self.bn_batch,
+            seed=c.seed, lr=plan.lr, final_val_error=st.last_val.get("val/error"),
+            final_val_loss=st.last_val.get("val/loss"),
+            best_val_error=st.best_val_error if math.isfinite(st.best_val_error) else None,
+            updates=st.step, planned_updates=plan.total_updates, target_updates=self.target_updates,
+            epochs=round(done_epochs, 4), wall_time_s=round(st.wall, 3),
+            images_per_sec=round(st.images / st.wall, 1) if st.wall > 0 else None,
+            final_distance=st.distances[-1][1] if st.distances else None,
+            # a diverged run's fit describes its blow-up, not diffusion: not reported
+            distance_fit={**(fit if st.status != "diverged" else dict.fromkeys(fit)), "points": len(pts)},
+            diverged_at=st.diverged_at, effective=plan.summary(), world_size=self.dist.world,
+            train_size=plan.train_size, version=lbtrain.__version__,
+        )
 
-    def _write_results(self) -> dict[str, Any]:
-        res = self.results(self.status)
+    def _write_results(self, status: str | None = None, error: str | None = None) -> dict[str, Any]:
+        res = self.results(status, error).to_dict()
         if self.dist.main:
             atomic_write_json(self.run_dir / "results.json", res)
         return res
-
-
-def _has_batchnorm(model: torch.nn.Module) -> bool:
-    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
-def _test_fault() -> tuple[int, int] | None:
-    """LBTRAIN_TEST_SIGNAL=SIGKILL@37 sends that signal to this process after update 37 (tests only)."""
-    spec = os.environ.get("LBTRAIN_TEST_SIGNAL")
-    if not spec:
-        return None
-    name, _, step = spec.partition("@")
-    return int(getattr(signal, name)), int(step)
 
 
 def run(cfg: Any, run_dir: str | Path) -> dict[str, Any]:
@@ -544,9 +650,8 @@ def run(cfg: Any, run_dir: str | Path) -> dict[str, Any]:
         raise
     except (Exception, KeyboardInterrupt) as e:
         if trainer.dist.main:
-            res = trainer.results("failed")
-            res["error"] = f"{type(e).__name__}: {e}"
-            atomic_write_json(trainer.run_dir / "results.json", res)
+            with contextlib.suppress(Exception):  # e.g. the disk is full: the original error matters more
+                trainer._write_results("failed", f"{type(e).__name__}: {e}".splitlines()[0])
         raise
     else:
         # Ranks leave together: a process that tears down its Gloo group and exits while rank 0 still writes
@@ -555,3 +660,6 @@ def run(cfg: Any, run_dir: str | Path) -> dict[str, Any]:
         return results
     finally:
         distributed.shutdown()
+
+
+__all__ = ["Trainer", "RunState", "Hooks", "Interrupted", "run", "set_determinism", "set_threads"]

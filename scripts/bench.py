@@ -10,9 +10,9 @@ For each workload, on the current device (``--device auto|cpu|cuda``), one run m
    (``experiment=<workload> dataset=synthetic`` shaped like the workload, its regime and ghost batch,
    ``progress=false``, default ``log_every=50``, ``eval_every=0`` and ``checkpoint.every_epochs=0`` so
    no validation or checkpoint happens inside the timed part), trained by ``Trainer.fit()`` with
-   ``max_steps = warmup + steps``. The instance's ``train_step`` is wrapped (the loop itself is not
-   touched) to take a timestamp when update ``warmup`` returns and when update ``warmup + steps``
-   returns (with ``torch.cuda.synchronize`` at those two points only on CUDA). Between the two lie
+   ``max_steps = warmup + steps``. A ``step_end`` hook (the trainer's public hooks; the loop itself is not
+   touched) takes a timestamp when update ``warmup`` is done and when update ``warmup + steps`` is done
+   (with ``torch.cuda.synchronize`` at those two points only on CUDA). Between the two lie
    exactly ``steps`` full iterations of the trainer's own loop: batch gather + augmentation + normalization
    by the ``DeviceLoader``, the LR update, ``train_step`` (GBN, loss/accuracy accumulators, gradient-norm
    clipping of the recipe, SGD) and the per-update bookkeeping (TensorBoard ``train/*`` every ``log_every``
@@ -326,17 +326,11 @@ def run_lbtrain(wl: Workload, opt: Options, run_dir: Path) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(dev)
     trainer = Trainer(cfg, run_dir)
     trainer.setup()
-    target = trainer._target_updates()
+    target = trainer.target_updates
     if target < opt.warmup + opt.steps:
         raise ValueError(f"{wl.name}: the recipe has only {target} updates; ask for fewer --steps")
     clock = _start_clock(dev, opt.warmup, opt.steps)
-    inner = trainer.train_step
-
-    def timed_step(x: torch.Tensor, y: torch.Tensor, want_grad_norm: bool) -> None:
-        inner(x, y, want_grad_norm)
-        clock.tick()
-
-    trainer.train_step = timed_step  # instance attribute: fit() calls self.train_step
+    trainer.hooks.step_end.append(lambda _trainer: clock.tick())  # right after each optimizer step
     results = trainer.fit()
     if results["status"] != "completed":
         raise RuntimeError(f"{wl.name}: lbtrain run ended {results['status']}")

@@ -3,16 +3,13 @@ semantics (permutation, determinism, resume, rank slicing, augmentation, normali
 
 from __future__ import annotations
 
-import gzip
-import os
-import pickle
-import struct
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from conftest import skip_md5, write_cifar, write_idx
 
 from lbtrain import data as D
 
@@ -25,19 +22,6 @@ def cfg(**kw) -> SimpleNamespace:
 
 
 # ---------------------------------------------------------------- on-disk formats
-
-
-def write_idx(raw: Path, prefix: str, images: np.ndarray, labels: np.ndarray) -> None:
-    """MNIST idx files: big-endian magic (2051 images / 2049 labels) and dims, then uint8 payload."""
-    n, h, w = images.shape
-    blobs = {
-        f"{prefix}-images-idx3-ubyte": struct.pack(">IIII", 2051, n, h, w) + np.uint8(images).tobytes(),
-        f"{prefix}-labels-idx1-ubyte": struct.pack(">II", 2049, n) + np.uint8(labels).tobytes(),
-    }
-    for name, blob in blobs.items():
-        (raw / name).write_bytes(blob)  # torchvision checks for the uncompressed files
-        with gzip.open(raw / f"{name}.gz", "wb") as f:
-            f.write(blob)
 
 
 @pytest.mark.parametrize("name,folder", [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
@@ -57,54 +41,6 @@ def test_mnist_idx_format(tmp_path: Path, name: str, folder: str) -> None:
     assert np.array_equal(ds.train_x[:, 0].numpy(), tr_x) and np.array_equal(ds.val_x[:, 0].numpy(), te_x)
     assert np.array_equal(ds.train_y.numpy(), tr_y) and np.array_equal(ds.val_y.numpy(), te_y)
     assert len(ds.mean) == len(ds.std) == 1
-
-
-def write_cifar(root: Path, hundred: bool, n_train: int, n_test: int) -> dict[str, np.ndarray]:
-    """CIFAR python pickles: dicts with 'data' (N, 3072) uint8 rows in R,G,B planes and label lists."""
-    rng = np.random.default_rng(1)
-    k = 100 if hundred else 10
-    arr = {
-        "train_x": rng.integers(0, 256, (n_train, 3072), dtype=np.uint8),
-        "test_x": rng.integers(0, 256, (n_test, 3072), dtype=np.uint8),
-        "train_y": rng.integers(0, k, n_train),
-        "test_y": rng.integers(0, k, n_test),
-    }
-    label_key = "fine_labels" if hundred else "labels"
-
-    def dump(path: Path, obj: dict) -> None:
-        with open(path, "wb") as f:
-            pickle.dump(obj, f)
-
-    def batch(x: np.ndarray, y: np.ndarray) -> dict:
-        d = {"batch_label": "tiny", "data": x, label_key: [int(v) for v in y], "filenames": ["f"] * len(y)}
-        if hundred:
-            d["coarse_labels"] = [int(v) // 5 for v in y]
-        return d
-
-    if hundred:
-        base = root / "cifar-100-python"
-        base.mkdir(parents=True)
-        dump(base / "train", batch(arr["train_x"], arr["train_y"]))
-        dump(base / "test", batch(arr["test_x"], arr["test_y"]))
-        dump(base / "meta", {"fine_label_names": [f"c{i}" for i in range(100)],
-                             "coarse_label_names": [f"s{i}" for i in range(20)]})
-    else:
-        base = root / "cifar-10-batches-py"
-        base.mkdir(parents=True)
-        for i, part in enumerate(np.array_split(np.arange(n_train), 5), start=1):
-            dump(base / f"data_batch_{i}", batch(arr["train_x"][part], arr["train_y"][part]))
-        dump(base / "test_batch", batch(arr["test_x"], arr["test_y"]))
-        dump(base / "batches.meta", {"label_names": [f"c{i}" for i in range(10)], "num_vis": 3072})
-    return arr
-
-
-def skip_md5(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Our tiny files can't match torchvision's MD5s. CIFAR checks them in two places (the class's
-    `_check_integrity` for the batches and `_load_meta` for the meta file), both via the module-level
-    `check_integrity`; replace just that with an existence check. Parsing stays real."""
-    import torchvision.datasets.cifar as tv_cifar
-
-    monkeypatch.setattr(tv_cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath))
 
 
 @pytest.mark.parametrize("name,hundred", [("cifar10", False), ("cifar100", True)])

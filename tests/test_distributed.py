@@ -10,10 +10,10 @@ import time
 
 import pytest
 import torch
-from conftest import run_cli
-from test_e2e import scalars
+from conftest import only_run as _only_run
+from conftest import run_cli, scalars
 
-from lbtrain.checkpoint import load_checkpoint
+from lbtrain.checkpoint import load_checkpoint, read_checkpoint_meta
 
 # GBN with ghost 16 inside each rank's 32 samples of the global batch 64. LR 0.01: at larger LRs this tiny net
 # amplifies float rounding (the order of DDP's gradient all-reduce) far beyond a tight tolerance within steps.
@@ -30,8 +30,7 @@ def torchrun(*args: str, cwd, nproc: int = 2, env: dict | None = None) -> subpro
 
 
 def only_run(cwd):
-    (run,) = [p for p in cwd.joinpath(*RUN).iterdir() if p.is_dir()]
-    return run
+    return _only_run(cwd.joinpath(*RUN))
 
 
 @pytest.fixture(scope="module")
@@ -68,14 +67,14 @@ def test_two_gloo_processes_equal_one(tmp_path, single):
     # only rank 0 writes: one event file, one log, one .hydra copy
     assert len(list(run.glob("events.out.tfevents*"))) == 1
     names = sorted(p.name for p in run.iterdir() if not p.name.startswith("events."))
-    assert names == [".hydra", "checkpoint.pt", "lbtrain.log", "results.json"]
+    assert names == [".hydra", ".lock", "checkpoint.pt", "lbtrain.log", "results.json"]
     print(f"two-process run: {elapsed:.1f} s")
 
 
 def test_killed_distributed_run_resumes_to_the_same_weights(tmp_path, single):
     p = torchrun(*ARGS, cwd=tmp_path, env={"LBTRAIN_TEST_SIGNAL": "SIGKILL@25"})
     assert p.returncode != 0
-    assert load_checkpoint(only_run(tmp_path) / "checkpoint.pt")["step"] == 24  # the epoch-end checkpoint
+    assert read_checkpoint_meta(only_run(tmp_path) / "checkpoint.pt")["step"] == 24  # the epoch-end checkpoint
     p = torchrun(*ARGS, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert_same_run(only_run(tmp_path), single)

@@ -5,19 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import run_cli
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from conftest import run_cli, scalars
 
 TAGS = {"train/loss", "train/error", "val/loss", "val/error", "weights/distance", "opt/lr", "opt/batch_size",
         "opt/noise_scale", "opt/grad_norm", "perf/images_per_sec"}
 RESULT_KEYS = {"status", "final_val_error", "best_val_error", "updates", "epochs", "wall_time_s", "images_per_sec",
                "final_distance", "distance_fit", "batch", "regime", "lr", "ghost_batch", "experiment", "seed"}
-
-
-def scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
 
 
 def test_default_run_end_to_end(tmp_path):

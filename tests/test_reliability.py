@@ -7,15 +7,14 @@ import signal
 
 import pytest
 import torch
-from conftest import run_cli
-from test_e2e import scalars
+from conftest import run_cli, scalars
 
-from lbtrain.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from lbtrain.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_meta, save_checkpoint
 
 # Deterministic CPU run of the default digits recipe (384 updates, 96 per epoch), checkpointing every 7
 # updates too, so a kill lands between checkpoints and mid-epoch.
 ARGS = ("deterministic=true", "checkpoint.every_steps=7", "log_every=5")
-RUN = ("outputs", "digits", "checkpoint.every_steps=7,deterministic=true")
+RUN = ("outputs", "digits", "default")  # all three keys only change how the run executes
 
 
 def tb_series(run_dir) -> dict:
@@ -53,7 +52,7 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path, reference, kill_at):
     p = run_cli(*ARGS, cwd=tmp_path, env={"LBTRAIN_TEST_SIGNAL": f"SIGKILL@{kill_at}"})
     assert p.returncode == -signal.SIGKILL
     run = tmp_path.joinpath(*RUN)
-    assert load_checkpoint(run / "checkpoint.pt")["step"] < kill_at  # killed between checkpoints
+    assert read_checkpoint_meta(run / "checkpoint.pt")["step"] < kill_at  # killed between checkpoints
     p = run_cli(*ARGS, cwd=tmp_path)  # the same command resumes
     assert p.returncode == 0, p.stderr
     assert "resuming" in p.stdout + p.stderr
@@ -67,7 +66,7 @@ def test_sigterm_checkpoints_and_resumes(tmp_path, reference):
     run = tmp_path.joinpath(*RUN)
     res = json.loads((run / "results.json").read_text())
     assert res["status"] == "interrupted" and res["updates"] == 100
-    assert load_checkpoint(run / "checkpoint.pt")["step"] == 100
+    assert read_checkpoint_meta(run / "checkpoint.pt")["step"] == 100
     p = run_cli(*ARGS, cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     assert json.loads((run / "results.json").read_text())["status"] == "completed"
@@ -109,17 +108,17 @@ def test_checkpoint_from_another_run_is_refused(tmp_path):
     assert p.returncode == 2 and "quote values" in p.stderr  # the run folder's name holds '='
     p = run_cli("max_steps=3", "seed=1", f"resume='{ckpt}'", cwd=tmp_path)
     assert p.returncode == 2
-    assert "checkpoint is from another run: seed=0 (this run: 1)" in p.stderr
+    assert "checkpoint belongs to another run: seed: 0 (checkpoint) vs 1 (this run)" in p.stderr
 
 
 def test_divergence_is_recorded_and_sweep_goes_on(tmp_path):
     p = run_cli("-m", "base.lr=0.1,1e5", "base.grad_clip=null", "epochs=1", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     res = {r.parent.name: json.loads(r.read_text()) for r in tmp_path.rglob("results.json")}
-    assert res["base.grad_clip=null,base.lr=100000.0,epochs=1"]["status"] == "diverged"
-    assert res["base.grad_clip=null,base.lr=0.1,epochs=1"]["status"] == "completed"
+    assert res["base.grad_clip=null,base.lr=100000.0,epochs=1.0"]["status"] == "diverged"
+    assert res["base.grad_clip=null,epochs=1.0"]["status"] == "completed"  # base.lr=0.1 is the recipe's
     assert "diverged at update" in p.stdout + p.stderr
-    diverged = tmp_path / "outputs" / "digits" / "base.grad_clip=null,base.lr=100000.0,epochs=1"
+    diverged = tmp_path / "outputs" / "digits" / "base.grad_clip=null,base.lr=100000.0,epochs=1.0"
     assert scalars(diverged)["status/diverged"][0][1] == 1.0
 
 
@@ -130,15 +129,15 @@ def test_failed_job_is_recorded_and_others_complete(tmp_path):
     assert "some jobs of the multirun failed" in p.stderr
     res = {r.parent.name: json.loads(r.read_text()) for r in tmp_path.rglob("results.json")}
     assert len(res) == 2
-    failed = res["batch=24,ghost_batch=16,max_steps=5,regime=gbn"]
+    failed = res["batch=24,max_steps=5,regime=gbn"]  # ghost_batch=16 is the default (B_S)
     assert failed["status"] == "failed" and "must divide the batch (24)" in failed["error"]
-    assert res["batch=16,ghost_batch=16,max_steps=5,regime=gbn"]["status"] == "completed"
+    assert res["max_steps=5,regime=gbn"]["status"] == "completed"
     # the summary lists the failed job with its status
     from lbtrain import report
 
     summary = report.summarize([tmp_path / "outputs"], tmp_path / "report", figures=False)
     statuses = {(row["batch"], row["status"]) for row in summary["runs"]}
-    assert statuses == {(16, "completed"), (24, "failed")}
+    assert statuses == {(16, "stopped early"), (24, "failed")}  # max_steps=5 of a 384-update plan
     assert summary["table1"][0]["+GBN"] == "failed"
 
 
@@ -170,5 +169,5 @@ def test_sigusr2_checkpoints_then_hands_over_to_the_launcher(tmp_path, monkeypat
     finally:
         signal.signal(signal.SIGUSR2, old)
     assert calls == [signal.SIGUSR2]
-    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 5
+    assert read_checkpoint_meta(tmp_path / "checkpoint.pt")["step"] == 5
     assert json.loads((tmp_path / "results.json").read_text())["status"] == "interrupted"

@@ -1,10 +1,10 @@
-"""lbtrain.report on fake-but-real run folders: results.json files plus real TensorBoard event files."""
+"""lbtrain.report on run folders as the trainer writes them: results.json (real identities) plus real TensorBoard
+event files. Every number must come from exactly one configuration."""
 
 from __future__ import annotations
 
 import csv
 import json
-import math
 import runpy
 import statistics
 import sys
@@ -12,68 +12,24 @@ from pathlib import Path
 
 import matplotlib.image
 import pytest
+from conftest import make_run, read_json_strict
 from torch.utils.tensorboard import SummaryWriter
 
 from lbtrain import report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-TRAIN_SIZE = 1024
-
-
-def make_run(root: Path, *, batch: int, regime: str, seed: int = 0, status: str = "completed",
-             error: float | None = 0.1, experiment: str = "digits", base_batch: int = 16,
-             epoch_batches: list[int] | None = None, log_every: int = 1,
-             dist_ab: tuple[float, float] = (0.5, 2.0), with_fit: bool = True, events: bool = True) -> Path:
-    """A run folder like the trainer's: results.json and TB scalars; epoch e has TRAIN_SIZE // batch_e steps.
-
-    The distance is a + b log t, logged at every update; opt/* every `log_every` updates; val/error per epoch.
-    """
-    d = root / experiment / f"batch={batch},regime={regime},seed={seed}"
-    d.mkdir(parents=True)
-    epoch_batches = epoch_batches or [batch, batch]
-    batches = [b for b in epoch_batches for _ in range(TRAIN_SIZE // b)]  # the batch of each update
-    updates = len(batches)
-    a, b = dist_ab
-    if events:
-        w = SummaryWriter(str(d))
-        w.add_scalar("weights/distance", 0.0, 0)
-        for t in range(1, updates + 1):
-            w.add_scalar("weights/distance", a + b * math.log(t), t)
-            if t % log_every == 0 or t == updates:
-                w.add_scalar("opt/batch_size", batches[t - 1], t)
-                w.add_scalar("opt/noise_scale", 0.1 * TRAIN_SIZE / (batches[t - 1] * 0.1), t)
-            if t % (TRAIN_SIZE // batches[t - 1]) == 0:
-                w.add_scalar("val/error", 0.5 / t**0.5, t)
-        w.close()
-    schedule = [[i, b] for i, b in enumerate(epoch_batches) if i == 0 or b != epoch_batches[i - 1]]
-    results = {
-        "status": status, "experiment": experiment, "dataset": "synthetic", "model": "mlp", "regime": regime,
-        "batch": batch, "base_batch": base_batch, "ghost_batch": None, "seed": seed, "lr": 0.1,
-        "final_val_error": error, "final_val_loss": 0.3, "best_val_error": error, "updates": updates,
-        "planned_updates": updates, "epochs": float(len(epoch_batches)), "wall_time_s": 1.5,
-        "images_per_sec": 1000.0, "final_distance": a + b * math.log(updates),
-        "distance_fit": ({"a": a, "b": b, "r2": 1.0, "points": updates} if with_fit
-                         else {"a": None, "b": None, "r2": None, "points": 0}),
-        "effective": {"lr": 0.1, "epochs": float(len(epoch_batches)), "updates": updates,
-                      "batch_schedule": schedule, "lr_schedule": [[0, 0.1]]},
-        "world_size": 1,
-    }
-    if status == "failed":
-        results["error"] = "RuntimeError: boom"
-    (d / "results.json").write_text(json.dumps(results))
-    return d
 
 
 @pytest.fixture
 def sweep(tmp_path: Path) -> Path:
     """B_S=16 baseline; B_L in {64, 128} x {baseline, adapt}; a failed +GBN and a diverged +LR job at 128."""
     root = tmp_path / "outputs"
-    make_run(root, batch=16, regime="baseline", error=0.05)
+    make_run(root, error=0.05)
     errors = {(64, "baseline"): 0.12, (64, "adapt"): 0.06, (128, "baseline"): 0.2, (128, "adapt"): 0.07}
     for (batch, regime), err in errors.items():
-        make_run(root, batch=batch, regime=regime, error=err)
-    make_run(root, batch=128, regime="gbn", status="failed", error=None, events=False)
-    make_run(root, batch=128, regime="sqrt_lr", status="diverged", error=0.9)
+        make_run(root, f"batch={batch}", f"regime={regime}", error=err)
+    make_run(root, "batch=128", "regime=gbn", status="failed", error=None, events=False)
+    make_run(root, "batch=128", "regime=sqrt_lr", status="diverged", error=0.9, diverged_at=20)
     return root
 
 
@@ -85,8 +41,9 @@ def test_table1_shape_and_values(sweep: Path):
     runs = report.find_runs([sweep])
     assert len(runs) == 7
     rows = report.table1(runs)
-    assert list(rows[0]) == ["experiment", "B_S", "B_L", "B_S baseline", "LB", "+LR", "+GBN", "+RA"]
-    assert [(r["experiment"], r["B_S"], r["B_L"]) for r in rows] == [("digits", 16, 64), ("digits", 16, 128)]
+    assert list(rows[0]) == ["experiment", "dataset", "B_S", "B_L", "B_S baseline", "LB", "+LR", "+GBN", "+RA"]
+    assert [(r["experiment"], r["dataset"], r["B_S"], r["B_L"]) for r in rows] == [
+        ("digits", "digits", 16, 64), ("digits", "digits", 16, 128)]
     by_bl = {r["B_L"]: r for r in rows}
     for r in rows:
         assert acc(r["B_S baseline"]) == pytest.approx(95.0, abs=0.005)
@@ -106,6 +63,7 @@ def test_table1_shape_and_values(sweep: Path):
         (128, "baseline"), (128, "sqrt_lr"), (128, "gbn"), (128, "adapt")]
     status = {(r["batch"], r["regime"]): r["status"] for r in long}
     assert status[(128, "gbn")] == "failed" and status[(128, "sqrt_lr")] == "diverged"
+    assert {(r["batch"], r["regime"]): r["fit_b"] for r in long}[(128, "sqrt_lr")] is None  # no fit of a blow-up
 
     # Written tables: the CSV holds the same cells, the Markdown is a pipe table with a header rule.
     out = sweep / "report"
@@ -114,43 +72,80 @@ def test_table1_shape_and_values(sweep: Path):
     with open(out / "table1.csv") as f:
         assert [dict(r) for r in csv.DictReader(f)] == [{k: str(v) for k, v in r.items()} for r in rows]
     md = (out / "table1.md").read_text().splitlines()
-    assert md[0] == "| experiment | B_S | B_L | B_S baseline | LB | +LR | +GBN | +RA |"
+    assert md[0] == "| experiment | dataset | B_S | B_L | B_S baseline | LB | +LR | +GBN | +RA |"
     assert md[1].startswith("|---|") and len(md) == 2 + len(rows)
     assert not list(out.glob(".*.tmp"))  # atomic writes leave no temporaries behind
 
 
 def test_other_regimes_come_after_the_papers(tmp_path: Path):
-    make_run(tmp_path, batch=16, regime="baseline")
-    for regime in ("linear", "hybrid", "adapt", "batch_increase", "my_regime", "baseline"):
-        make_run(tmp_path, batch=256, regime=regime, events=False)
+    make_run(tmp_path)
+    for regime in ("linear", "hybrid", "adapt", "batch_increase", "baseline"):
+        make_run(tmp_path, "batch=256", f"regime={regime}", events=False)
+    make_run(tmp_path, "batch=256", "regime.name=my_regime", "regime.lr_scaling=sqrt", events=False)
     rows = report.table1(report.find_runs([tmp_path]))
-    assert list(rows[0])[3:] == ["B_S baseline", "LB", "+RA", "batch_increase", "hybrid", "linear",
-                                 "my_regime"]
+    assert list(rows[0])[4:] == ["B_S baseline", "LB", "+RA", "batch_increase", "hybrid", "linear", "my_regime"]
 
 
 def test_mean_std_over_seeds(tmp_path: Path):
-    make_run(tmp_path, batch=16, regime="baseline", seed=0, error=0.10, events=False)
-    make_run(tmp_path, batch=16, regime="baseline", seed=1, error=0.14, events=False)
-    make_run(tmp_path, batch=64, regime="adapt", seed=0, error=0.20, events=False)
-    make_run(tmp_path, batch=64, regime="adapt", seed=1, error=0.25, events=False)
-    make_run(tmp_path, batch=64, regime="adapt", seed=2, status="diverged", error=0.9, events=False)
+    make_run(tmp_path, error=0.10, events=False)
+    make_run(tmp_path, "seed=1", error=0.14, events=False)
+    make_run(tmp_path, "batch=64", "regime=adapt", error=0.20, events=False)
+    make_run(tmp_path, "batch=64", "regime=adapt", "seed=1", error=0.25, events=False)
+    make_run(tmp_path, "batch=64", "regime=adapt", "seed=2", status="diverged", error=0.9, events=False)
     runs = report.find_runs([tmp_path])
     (row,) = report.table1(runs)
     mean, std = statistics.fmean([90.0, 86.0]), statistics.stdev([90.0, 86.0])  # ddof=1
     assert row["B_S baseline"] == f"{mean:.2f} ± {std:.2f}" == "88.00 ± 2.83"
-    assert row["+RA"] == "77.50 ± 3.54 (1 diverged)"  # only completed seeds are averaged
+    assert row["+RA"] == "77.50 ± 3.54 (1 diverged)"  # only finished seeds are averaged
 
     agg = {r["batch"]: r for r in report.aggregate_table(runs)}
     assert agg[16]["seeds"] == 2 and agg[16]["status"] == "2 completed"
     m, s = agg[16]["final_val_error"].split(" ± ")
     assert float(m) == pytest.approx(0.12)
     assert float(s) == pytest.approx(statistics.stdev([0.10, 0.14]), rel=1e-3)
-    assert agg[64]["status"] == "2 completed, 1 diverged"
+    assert agg[64]["status"] == "2 completed, 1 diverged" and agg[64]["seeds"] == 2
+
+
+def test_look_alike_runs_never_share_a_cell(tmp_path: Path):
+    """The report on a folder holding every kind of look-alike run: another dataset, a smoke run, a duplicate
+    seed, other epochs, a diverged run. Only seeds of one configuration that finished their plan are averaged."""
+    root = tmp_path / "outputs"
+    make_run(root, "experiment=f1_mnist", error=0.02)
+    make_run(root, "experiment=f1_mnist", "seed=1", error=0.04)
+    make_run(root, "experiment=f1_mnist", "dataset=fashion_mnist", error=0.12)  # same experiment, other data
+    make_run(root, "experiment=f1_mnist", "max_steps=5", error=0.50, updates=5)  # smoke run: completed early
+    make_run(root, "experiment=f1_mnist", "epochs=1", error=0.30)  # a shorter recipe
+    make_run(root, "experiment=f1_mnist", "seed=0", error=0.02, folder="seed=0")  # a copy of the first
+    make_run(root, "experiment=f1_mnist", "seed=2", status="diverged", error=None, diverged_at=3)
+    runs = report.find_runs([root])
+    rows = report.table1(runs)
+    # a row per configuration: the variant columns say how they differ
+    assert {k for k in rows[0]} >= {"experiment", "dataset", "epochs", "max_steps", "B_S baseline"}
+    by = {(r["dataset"], r["epochs"], r["max_steps"]): r["B_S baseline"] for r in rows}
+    assert by[("mnist", "-", "-")] == "97.00 ± 1.41 (1 diverged)"  # seeds 0 and 1; the copy of seed 0
+    # (97.33 if it counted twice) and the diverged seed 2 are not averaged
+    assert by[("fashion_mnist", "-", "-")] == "88.00 (n=1)"  # fewer seeds than other cells: says so
+    assert by[("mnist", "-", "5")] == "stopped early"  # never averaged into the baseline
+    assert by[("mnist", "1.0", "-")] == "70.00 (n=1)"
+    dup = [r for r in runs if r.status == "duplicate"]
+    assert len(dup) == 1 and dup[0].duplicate_of is not None
+    long = {r["run"]: r for r in report.long_table(runs)}
+    assert {r["status"] for r in long.values()} == {"completed", "duplicate", "stopped early", "diverged"}
+
+
+def test_legacy_results_without_identity_still_group(tmp_path: Path):
+    d = make_run(tmp_path, error=0.1)
+    res = json.loads((d / "results.json").read_text())
+    res.pop("identity")
+    (d / "results.json").write_text(json.dumps(res))
+    (run,) = report.find_runs([tmp_path])
+    assert run.identity["legacy.planned_updates"] == res["planned_updates"]
+    assert report.table1([run])[0]["B_S baseline"] == "90.00"
 
 
 def test_distance_fit_recovers_a_and_b(tmp_path: Path):
     # results.json without a fit: the report refits the logged distances with metrics.fit_log.
-    make_run(tmp_path, batch=64, regime="baseline", dist_ab=(0.3, 1.7), with_fit=False)
+    make_run(tmp_path, "batch=64", dist_ab=(0.3, 1.7), with_fit=False)
     (run,) = report.find_runs([tmp_path])
     fit = report.distance_fit(run)
     assert fit["a"] == pytest.approx(0.3, abs=1e-4) and fit["b"] == pytest.approx(1.7, abs=1e-4)
@@ -175,9 +170,9 @@ def test_read_scalars_honours_purge(tmp_path: Path):
 
 
 def test_epochs_from_batch_size(tmp_path: Path):
-    const = make_run(tmp_path, batch=32, regime="baseline")
+    const = make_run(tmp_path, "batch=32")
     # Smith et al.: 64 updates of 16 (one epoch of 1024), 32 of 32, 16 of 64; opt/* logged every 20 updates
-    grow = make_run(tmp_path, batch=16, regime="batch_increase", epoch_batches=[16, 32, 64], log_every=20)
+    grow = make_run(tmp_path, "regime=batch_increase", epoch_batches=[16, 32, 64], log_every=20)
     runs = {r.path: r for r in report.find_runs([tmp_path])}
     assert list(report.epochs_at(runs[const], [0, 16, 32, 64])) == pytest.approx([0, 0.5, 1.0, 2.0])
     epochs = report.epochs_at(runs[grow], [32, 64, 80, 96, 104, 112])
@@ -192,8 +187,9 @@ def test_epochs_from_batch_size(tmp_path: Path):
     (run,) = report.find_runs([const])
     assert list(report.epochs_at(run, [32, 40, 48])) == pytest.approx([1.0, 1.25, 1.5])
 
-    # no effective schedule: a constant batch, step * epochs / updates
-    del res["effective"]
+    # no training-set size: a constant batch, step * epochs / updates
+    res["train_size"] = None
+    res["effective"].pop("train_size")
     res_path.write_text(json.dumps(res))
     (run,) = report.find_runs([const])
     assert list(report.epochs_at(run, [24, 48])) == pytest.approx([1.0, 2.0])
@@ -211,11 +207,12 @@ def test_figures(sweep: Path, tmp_path: Path):
     assert len(with_events) == 6  # the failed job logged nothing
     for name in ("distance", "val_error_updates", "val_error_epochs"):
         ax = report.make_figure(runs, name).axes[0]
-        assert len(ax.get_lines()) == len(with_events)
+        curves = [ln for ln in ax.get_lines() if ln.get_marker() in ("None", None, "")]
+        assert len(curves) == len(with_events)
         assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title()
+        assert ax.get_xscale() == "log"  # large batches make few updates: a linear axis squeezes them
         labels = {t.get_text() for t in ax.get_legend().get_texts()}
         assert {"B=64 adapt", "B=128 sqrt_lr (diverged)"} <= labels
-    assert report.make_figure(runs, "distance").axes[0].get_xscale() == "log"
     assert min(report.make_figure(runs, "distance").axes[0].get_lines()[0].get_xdata()) >= 1  # no step 0
 
     files = report.write_figures(runs, tmp_path / "fig")
@@ -224,24 +221,50 @@ def test_figures(sweep: Path, tmp_path: Path):
         check_png(f)
 
     # A batch-increase run adds the batch and noise-scale figures; two experiments prefix every file.
-    make_run(sweep, batch=16, regime="batch_increase", epoch_batches=[16, 32], log_every=20)
-    make_run(sweep, batch=64, regime="baseline", experiment="other")
+    make_run(sweep, "regime=batch_increase", epoch_batches=[16, 32], log_every=20)
+    make_run(sweep, "experiment=f1_mnist", "batch=256")
     files = report.write_figures(report.find_runs([sweep]), tmp_path / "fig2")
     names = sorted(f.name for f in files)
     assert "digits_batch_schedule.png" in names and "digits_noise_scale.png" in names
-    assert "other_distance.png" in names and "other_noise_scale.png" not in names
-    assert all(n.startswith(("digits_", "other_")) for n in names)
+    assert "f1_mnist_distance.png" in names and "f1_mnist_noise_scale.png" not in names
+    assert all(n.startswith(("digits_", "f1_mnist_")) for n in names)
     for f in files:
         check_png(f)
 
 
-def test_seeds_share_a_colour_and_a_legend_entry(tmp_path: Path):
-    make_run(tmp_path, batch=64, regime="adapt", seed=0)
-    make_run(tmp_path, batch=64, regime="adapt", seed=1)
-    make_run(tmp_path, batch=128, regime="baseline", seed=3, status="diverged")
+def test_diverged_run_never_sets_the_axes(tmp_path: Path):
+    make_run(tmp_path, "batch=64", dist_ab=(0.5, 2.0))
+    bad = make_run(tmp_path, "batch=128", status="diverged", error=None, diverged_at=5, dist_ab=(0.5, 2.0))
+    w = SummaryWriter(str(bad))  # the blow-up after divergence was noticed
+    for t in range(6, 9):
+        w.add_scalar("weights/distance", 2.7e13, t)
+    w.close()
+    runs = report.find_runs([tmp_path])
+    ax = report.make_figure(runs, "distance").axes[0]
+    assert ax.get_ylim()[1] < 100  # set by the sane run, not by 2.7e13
+    diverged_lines = [ln for ln in ax.get_lines() if max(ln.get_xdata()) <= 5]
+    assert diverged_lines and any(ln.get_marker() == "x" for ln in diverged_lines)  # marked where it stopped
+
+
+def test_coinciding_curves_are_drawn_once(tmp_path: Path):
+    """At r = 1 the four Table-1 regimes are the small-batch recipe itself: one line, one label."""
+    for regime in ("baseline", "sqrt_lr", "gbn", "adapt"):
+        make_run(tmp_path, f"regime={regime}")
+    make_run(tmp_path, "batch=64", "regime=adapt")
     ax = report.make_figure(report.find_runs([tmp_path]), "val_error_updates").axes[0]
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["B=64 adapt (2 seeds)", "B=128 baseline (diverged)"]
-    lines = ax.get_lines()
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["B=16 baseline = sqrt_lr = gbn = adapt", "B=64 adapt"]
+    assert len(ax.get_lines()) == 2
+
+
+def test_seeds_share_a_colour_and_a_legend_entry(tmp_path: Path):
+    make_run(tmp_path, "batch=64", "regime=adapt")
+    make_run(tmp_path, "batch=64", "regime=adapt", "seed=1")
+    make_run(tmp_path, "batch=128", "seed=3", status="diverged", diverged_at=8)
+    ax = report.make_figure(report.find_runs([tmp_path]), "val_error_updates").axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["B=64 adapt (2 seeds)",
+                                                                   "B=128 baseline (diverged)"]
+    lines = [ln for ln in ax.get_lines() if ln.get_marker() != "x"]
     assert len(lines) == 3 and lines[0].get_color() == lines[1].get_color() != lines[2].get_color()
 
 
@@ -249,8 +272,8 @@ def test_cli(sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
     out = tmp_path / "report"
     assert report.main([str(sweep), "--out", str(out)]) == 0
     stdout = capsys.readouterr().out
-    assert "| experiment | B_S | B_L | B_S baseline | LB | +LR | +GBN | +RA |" in stdout
-    assert "| digits | 128 | gbn | 0 | failed |" in stdout
+    assert "| experiment | dataset | B_S | B_L | B_S baseline | LB | +LR | +GBN | +RA |" in stdout
+    assert "| digits | digits | 128 | gbn | 0 | failed |" in stdout
     for name in ("table1.md", "table1.csv", "runs.md", "runs.csv", "distance.png", "val_error_epochs.png"):
         assert (out / name).is_file() and str(out / name) in stdout
     assert (out / "table1.md").read_text() in stdout
@@ -258,6 +281,20 @@ def test_cli(sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
     # default output folder, and no figures
     assert report.main([str(sweep), "--no-figures"]) == 0
     assert (sweep / "report" / "table1.md").is_file() and not list((sweep / "report").glob("*.png"))
+
+
+def test_out_is_an_existing_file(sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    target = tmp_path / "a_file"
+    target.write_text("keep me")
+    assert report.main([str(sweep), "--out", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a file" in err and "Traceback" not in err
+    assert target.read_text() == "keep me"
+
+
+def test_every_results_json_is_strict_json(sweep: Path):
+    for f in sweep.rglob("results.json"):
+        read_json_strict(f)
 
 
 def test_cli_without_results(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):

@@ -102,15 +102,15 @@ def run_counted(monkeypatch: pytest.MonkeyPatch, tmp_path, *overrides: str) -> t
     trainer = Trainer(cfg, tmp_path / "run")
     trainer.setup()
     assert isinstance(trainer.train_loader, DeviceLoader)
-    logs, dist, ends = sync_points(trainer, trainer._target_updates())
+    logs, dist, ends = sync_points(trainer, trainer.target_updates)
     counter = SyncCounter()
     original_step, original_epoch = Trainer.train_step, DeviceLoader.epoch
 
-    def counted_step(self, x, y, want_grad_norm):
-        counter.phase, counter.update = "train_step", self.step + 1
+    def counted_step(self, x, y, log_now):
+        counter.phase, counter.update = "train_step", self.state.step + 1
         try:
             with _sync_debug_error(strict_cuda and counter.update > 2):
-                return original_step(self, x, y, want_grad_norm)
+                return original_step(self, x, y, log_now)
         finally:
             counter.phase = "between"
             if strict_cuda:  # the bookkeeping after a quiet update must not sync either
@@ -180,7 +180,7 @@ def test_counter_sees_host_reads(monkeypatch):
 @pytest.mark.parametrize("case", list(CASES))
 def test_no_sync_between_log_steps(monkeypatch, tmp_path, case, device):
     trainer, counter = run_counted(monkeypatch, tmp_path, *CASES[case], f"device={device}")
-    steps = trainer.step
+    steps = trainer.state.step
     assert steps == trainer.cfg.max_steps
 
     assert counter.where("train_step") == [], "train_step read a tensor on the host"
@@ -209,7 +209,7 @@ def test_sync_count_does_not_grow_with_updates(monkeypatch, tmp_path):
     counts = []
     for n in (6, 24):  # 24 updates = one epoch of digits at batch 64
         trainer, counter = run_counted(monkeypatch, tmp_path / str(n), *base, f"max_steps={n}", "device=cpu")
-        logs, dist, ends = sync_points(trainer, trainer.step)
+        logs, dist, ends = sync_points(trainer, trainer.state.step)
         counts.append((len(counter.events), len(logs | dist | ends)))
         assert counter.where("train_step") == [] and counter.where("loader") == []
     (short, short_points), (long, long_points) = counts
