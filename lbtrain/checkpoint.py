@@ -2,7 +2,7 @@
 
 Checkpoint format (version 2): one header line `LBTRAIN-CKPT-2 <sha256> <n>\\n`, then `n` bytes of JSON metadata
 (the run's identity, its hash, status and update: readable without loading the tensors), then the `torch.save`
-payload. The SHA-256 covers metadata and payload. Version 1 files (no metadata) still load.
+payload. The SHA-256 covers `<n>\\n`, the metadata and the payload. Version 1 files (no metadata) still load.
 """
 
 from __future__ import annotations
@@ -13,12 +13,15 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from lbtrain.results import dumps
 
+if TYPE_CHECKING:
+    pass  # imported where tensors are saved or loaded: the rest of this module (and every config error
+    # the CLI reports) does not pay for it
+
+CHECKPOINT_KEYS = ("model", "optimizer", "w0", "state", "rng", "identity")  # what a run checkpoint must hold
 _MAGIC1 = b"LBTRAIN-CKPT-1 "
 _MAGIC2 = b"LBTRAIN-CKPT-2 "
 
@@ -80,24 +83,28 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
 
 def save_checkpoint(path: str | Path, state: dict[str, Any], meta: dict[str, Any] | None = None) -> None:
     """torch.save `state` behind a header holding the SHA-256 and JSON `meta`, written atomically."""
+    import torch
+
     buf = io.BytesIO()
     torch.save(state, buf)
     meta_bytes = dumps(meta or {}).encode()
     body = meta_bytes + buf.getvalue()
-    header = _MAGIC2 + hashlib.sha256(body).hexdigest().encode() + f" {len(meta_bytes)}\n".encode()
+    length = f"{len(meta_bytes)}\n".encode()
+    header = _MAGIC2 + hashlib.sha256(length + body).hexdigest().encode() + b" " + length
     atomic_write_bytes(path, header + body)
 
 
-def _split(path: Path, data: bytes) -> tuple[bytes, bytes, bytes]:
-    """(expected sha256 hex, metadata bytes, checked body) of a checkpoint file's bytes."""
+def _split(path: Path, data: bytes) -> tuple[bytes, bytes, bytes, bytes]:
+    """(expected sha256 hex, metadata bytes, payload, the bytes the digest covers) of a checkpoint file."""
     header, _, body = data.partition(b"\n")
     if header.startswith(_MAGIC2):
         parts = header[len(_MAGIC2):].split(b" ")
         if len(parts) != 2 or not parts[1].isdigit():
             raise CheckpointError(f"{path} is truncated or corrupt (bad header); delete it to start over")
-        return parts[0], body[: int(parts[1])], body
+        n = int(parts[1])
+        return parts[0], body[:n], body[n:], parts[1] + b"\n" + body
     if header.startswith(_MAGIC1):
-        return header[len(_MAGIC1):], b"", body
+        return header[len(_MAGIC1):], b"", body, body
     raise CheckpointError(f"{path} is not an lbtrain checkpoint (bad header)")
 
 
@@ -129,16 +136,18 @@ def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
 def load_checkpoint(path: str | Path, map_location: Any = "cpu", required: tuple[str, ...] = ()) -> dict[str, Any]:
     """Load a checkpoint written by save_checkpoint; raise CheckpointError unless it is intact and holds every
     key of `required`."""
+    import torch
+
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror}") from None
-    digest, meta, body = _split(path, data)
-    if hashlib.sha256(body).hexdigest().encode() != digest:
+    digest, _, payload, covered = _split(path, data)
+    if hashlib.sha256(covered).hexdigest().encode() != digest:
         raise CheckpointError(f"{path} is truncated or corrupt (checksum mismatch); delete it to start over")
     try:
-        state = torch.load(io.BytesIO(body[len(meta):]), map_location=map_location, weights_only=False)
+        state = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=False)
     except Exception as e:  # a file that checks out but does not unpickle: written by something else
         raise CheckpointError(f"{path} cannot be loaded ({type(e).__name__}: {e})".splitlines()[0]) from None
     if not isinstance(state, dict):

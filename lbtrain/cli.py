@@ -31,13 +31,25 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from lbtrain import distributed, regime
 from lbtrain.checkpoint import CheckpointError, atomic_write_json, remove_stale_temporaries
-from lbtrain.config import ConfigError, DatasetNotFoundError, register_configs, resolved, schema_defaults
+from lbtrain.config import ConfigError, DatasetNotFoundError, register_configs, resolved, schema_defaults, validate
 from lbtrain.identity import identity, identity_hash, run_name
 from lbtrain.results import ResultsError, read_results
 from lbtrain.rundir import RunFolderError, RunLock, check_folder
 
 log = logging.getLogger("lbtrain")
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
+
+def _config_dir() -> str:
+    """The shipped configs: inside the package (wheel, sdist, `pip install .`), else the repository's top-level
+    configs/ beside the package (a source checkout or `pip install -e .`)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "configs", here.parent / "configs"):
+        if (candidate / "config.yaml").is_file():
+            return str(candidate)
+    return str(here / "configs")
+
+
+CONFIG_DIR = _config_dir()
 USER_ERRORS = (ConfigError, DatasetNotFoundError, RunFolderError, CheckpointError, ResultsError)
 GROUPS = ("dataset", "model", "regime", "optimizer")  # config groups whose choice is part of a run's name
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
@@ -141,6 +153,8 @@ class Preflight(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
+            task = OmegaConf.masked_copy(config, [k for k in config.keys() if k != "hydra"])
+            validate(task, distributed.env_world().world)  # without torch: most mistakes are reported in ~1 s
             self._check(config)
         except USER_ERRORS + (OSError, OmegaConfBaseException) as e:
             raise Rejected(e) from e
@@ -158,7 +172,7 @@ class Preflight(Callback):
             raise OSError(20, "Not a directory", str(run_dir))
         if run_dir.is_dir() or task.get("resume"):  # (under DDP rank 0 alone takes the lock)
             check_folder(run_dir, checked.identity, schema_defaults(), task.get("resume"),
-                         check_lock=world.main and run_dir.is_dir())
+                         check_lock=world.main and run_dir.is_dir(), verify=True)
 
 
 # ----------------------------------------------------------------------------------------- the job
@@ -173,6 +187,11 @@ def _hydra_main(cfg: DictConfig) -> dict[str, Any] | None:
             log.error("job %s failed: %s", run_dir, one_line(e))
             raise
         _user_error.append(e)  # reported by main() as one line (Hydra would add its own lines)
+        return None
+    except Exception as e:
+        if multirun:
+            raise
+        _user_error.append(e)  # main() reports it (one line for a write error; a traceback for a bug)
         return None
 
 
@@ -192,7 +211,7 @@ def _job(cfg: DictConfig, run_dir: Path, multirun: bool) -> dict[str, Any]:
         _remove_if_empty(run_dir)
         raise (JobInterrupted(stopping) if _in_worker() else Interrupted(stopping))
     distributed.export_slurm_env()
-    set_threads(cfg.threads)
+    set_threads(cfg.threads if cfg.threads is not None else _launcher_threads())
     lock = RunLock(run_dir)
     handler: logging.Handler | None = None
     try:
@@ -200,7 +219,9 @@ def _job(cfg: DictConfig, run_dir: Path, multirun: bool) -> dict[str, Any]:
             lock.acquire()  # one writer per folder, for the life of the run
         try:
             checked = preflight(cfg, world.world, local_rank=world.local_rank)
-            check_folder(run_dir, checked.identity, schema_defaults(), cfg.resume, check_lock=False)
+            # (a single run's checkpoint was verified before its folder was touched; a sweep job's is here)
+            check_folder(run_dir, checked.identity, schema_defaults(), cfg.resume, check_lock=False,
+                         verify=multirun)
         except (ConfigError, DatasetNotFoundError) as e:
             if multirun and world.main:
                 _record_failure(cfg, run_dir, e)
@@ -297,6 +318,18 @@ def _guard_worker_signals() -> None:
             pass
 
 
+def _launcher_threads() -> int | None:
+    """Jobs that a launcher runs side by side (joblib's n_jobs) share the cores: each gets cores // n_jobs torch
+    threads unless `threads=` says otherwise (n_jobs threads each would oversubscribe the machine n_jobs times)."""
+    if not _in_worker():
+        return None
+    n_jobs = OmegaConf.select(HydraConfig.get(), "launcher.n_jobs", default=None)
+    if not isinstance(n_jobs, int) or n_jobs == 0:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // (cores if n_jobs < 0 else n_jobs))
+
+
 def _sweep_stopping() -> int | None:
     """The signal that is stopping this sweep, if any (the parent writes it into the stop file)."""
     path = os.environ.get(_STOP_ENV)
@@ -374,12 +407,12 @@ def one_line(e: BaseException) -> str:
 
 
 def _interrupt_signal(e: BaseException) -> int | None:
-    from lbtrain.trainer import Interrupted
-
+    trainer = sys.modules.get("lbtrain.trainer")  # (never imported: nothing trained, nothing was interrupted)
+    kinds = (JobInterrupted, trainer.Interrupted) if trainer else (JobInterrupted,)
     chain, seen = [], e
     while seen is not None and seen not in chain:
         chain.append(seen)
-        if isinstance(seen, (Interrupted, JobInterrupted)):
+        if isinstance(seen, kinds):
             return seen.signum
         seen = seen.__cause__ or seen.__context__
     return None
@@ -387,11 +420,12 @@ def _interrupt_signal(e: BaseException) -> int | None:
 
 def main() -> None:
     """Console entry point (`lbtrain`, `python -m lbtrain`)."""
-    if not Path(CONFIG_DIR).is_dir():
-        sys.stderr.write(f"lbtrain: error: config folder {CONFIG_DIR} not found: install lbtrain from its "
-                         "repository with `pip install -e .` (the configs live beside the package)\n")
+    if not Path(CONFIG_DIR, "config.yaml").is_file():
+        sys.stderr.write(f"lbtrain: error: config folder {CONFIG_DIR} not found: this installation of lbtrain is "
+                         "incomplete; reinstall it (pip install lbtrain, or pip install . in its repository)\n")
         sys.exit(2)
     setup_hydra()
+    _user_error.clear()
     os.environ["HYDRA_FULL_ERROR"] = "1"  # exceptions reach us instead of Hydra's multi-line report
     argv = sys.argv[1:]
     shown = [b for a, b in zip(argv, argv[1:]) if a in ("--cfg", "-c")]

@@ -29,8 +29,15 @@ class ConfigError(ValueError):
     def __reduce__(self) -> tuple[Any, ...]:
         # Sweep launchers (joblib, submitit) return a failed job's exception by pickling it: rebuild from the
         # three fields (the default would call __init__ with the message alone), with a plain, picklable value.
-        value = self.value if isinstance(self.value, (str, int, float, bool, type(None))) else repr(self.value)
-        return (type(self), (self.key, value, self.allowed))
+        plain = isinstance(self.value, (str, int, float, bool, type(None)))
+        return (type(self), (self.key, self.value if plain else _Shown(repr(self.value)), self.allowed))
+
+
+class _Shown(str):
+    """A value already rendered by repr(): shown as is (ConfigError's message stays the same after pickling)."""
+
+    def __repr__(self) -> str:
+        return str(self)
 
 
 class DatasetNotFoundError(RuntimeError):
@@ -41,6 +48,12 @@ class LRScaling(Enum):
     none = "none"
     sqrt = "sqrt"  # Hoffer et al.: keep the covariance of the update
     linear = "linear"  # Goyal et al.: keep the mean update, usually with warm-up
+
+
+class Schedule(Enum):
+    step = "step"  # the recipe's milestones (or explicit points): piecewise constant
+    cosine = "cosine"  # lr (1 + cos(pi t / T)) / 2 per update after warm-up, down to 0
+    linear = "linear"  # lr (1 - t / T) per update after warm-up, down to 0
 
 
 class Precision(Enum):
@@ -55,6 +68,7 @@ class DatasetConfig:
     download: bool = False
     augment: bool = False  # pad-4 random crop + horizontal flip
     subset: int | None = None  # train on a class-balanced subset of this many samples (fixed across seeds)
+    cutout: int = 0  # side of a cutout square per training image (DeVries & Taylor 2017); 0 = off
     # synthetic only
     shape: list[int] = field(default_factory=lambda: [3, 32, 32])
     num_classes: int = 10
@@ -93,6 +107,7 @@ class BaseRecipe:
     nesterov: bool = False
     epochs: float = 200
     grad_clip: float | None = 5.0  # max gradient norm; null disables clipping
+    schedule: Schedule = Schedule.step  # LR shape: step (milestones / points), cosine or linear decay to 0
 
 
 @dataclass
@@ -106,6 +121,19 @@ class RegimeConfig:
     batch_increase: bool = False  # Smith et al.: multiply the batch instead of dropping the LR
     max_batch: int | None = None  # hybrid: past this batch, drop the LR instead (default: dataset size)
     warmup_epochs: float = 0.0  # linear warm-up from base.lr to the scaled LR
+    momentum: float | None = None  # Smith et al.'s momentum rule: this momentum, with batch or LR keeping g
+
+
+@dataclass
+class OptimizerConfig:
+    """`optimizer=sgd|adamw|lars|lamb` (configs/optimizer/*.yaml); momentum, weight decay and nesterov come from
+    the base recipe (`base.*`), the LR from the regime."""
+
+    name: str = "sgd"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw, lamb
+    eps: float = 1e-8  # adamw, lamb: denominator; lars: trust-ratio denominator
+    trust_coefficient: float = 0.001  # lars: the layer-wise trust coefficient (eta)
+    exclude_bn_bias: bool = False  # BatchNorm and bias parameters: no weight decay, no layer-wise trust ratio
 
 
 @dataclass
@@ -115,16 +143,30 @@ class CheckpointConfig:
 
 
 @dataclass
+class SharpnessConfig:
+    """Top Hessian eigenvalue (Lanczos) and Hessian trace (Hutchinson) of the training loss; see
+    lbtrain/instruments/probes.py. Costs (iters + trace_samples) Hessian-vector products over `samples`."""
+
+    every_epochs: int = 0  # 0: off; N: at every N-th epoch end and at the end of the run
+    samples: int = 1024  # fixed training samples (the same for every run of a sweep)
+    iters: int = 20  # Lanczos steps (stops earlier when converged)
+    trace_samples: int = 10  # Hutchinson probe vectors (0: no trace)
+
+
+@dataclass
 class Config:
     name: str = "digits"  # experiment name, used in run folders and reports
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     base: BaseRecipe = field(default_factory=BaseRecipe)
     regime: RegimeConfig = field(default_factory=RegimeConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     batch: int = "${base.batch}"  # type: ignore[assignment]  # B_L, the global batch
     ghost_batch: int = "${base.batch}"  # type: ignore[assignment]
     micro_batch: int | None = None  # gradient accumulation chunk (per rank)
+    duplicates: int = 1  # batch augmentation (Hoffer et al. 2019): each step holds batch/duplicates distinct
+    # samples, each served `duplicates` times with independent augmentation
     epochs: float | None = None  # replaces base.epochs, scaling its milestones
     max_steps: int | None = None  # stop after this many updates (smoke runs)
     seed: int = 0
@@ -136,7 +178,12 @@ class Config:
     compile: bool = False
     log_every: int = 50  # updates between train/* scalars
     eval_every: int = 1  # epochs between validations; 0: only at the end
+    eval_per_decade: int = 0  # also validate at this many log-spaced updates per decade (steps-to-target curves)
     diverge_loss: float = 1e4  # a train loss above this (or non-finite) marks the run diverged
+    # instruments: they observe, never change training (not part of a run's identity)
+    gns: bool = False  # gradient noise scale B_simple at log steps (McCandlish et al. 2018)
+    sharpness: SharpnessConfig = field(default_factory=SharpnessConfig)
+    layer_distance: bool = False  # ||w_t - w_0|| per layer, beside the total
     progress: bool | None = None  # tqdm bar; null: only when stderr is a terminal
     resume: str | None = None  # checkpoint to resume from; default: the run folder's own
     effective: dict[str, Any] = field(default_factory=dict)  # derived values, shown by --cfg job
@@ -186,15 +233,12 @@ FREE_FORM = ("model.kwargs", "effective")
 
 
 def validate(cfg: Any, world_size: int = 1) -> None:
-    """Reject meaningful-but-wrong values before any work is done (raises ConfigError). Checks that need the plan,
-    the model or the machine are in `lbtrain.preflight`, which calls this first."""
-    from lbtrain.models import MODEL_NAMES  # models sit on the same floor; import lazily for start-up
-
+    """Reject meaningful-but-wrong values before any work is done (raises ConfigError), without importing torch.
+    Checks that need torch (the model, the optimizer, the device), the data or the plan are in `lbtrain.preflight`,
+    which calls this first."""
     check_known_keys(cfg)
     if cfg.dataset.name not in DATASETS:
         raise ConfigError("dataset.name", cfg.dataset.name, f"allowed: {', '.join(DATASETS)}")
-    if cfg.model.name not in MODEL_NAMES:
-        raise ConfigError("model.name", cfg.model.name, f"allowed: {', '.join(MODEL_NAMES)}")
     if not _DEVICE.match(str(cfg.device)):
         raise ConfigError("device", cfg.device, "allowed: auto, cpu, cuda, cuda:N, mps")
     for key in ("batch", "ghost_batch", "base.batch", "log_every"):
@@ -231,6 +275,15 @@ def validate(cfg: Any, world_size: int = 1) -> None:
         _positive_int("threads", cfg.threads)
     _positive("diverge_loss", cfg.diverge_loss)
     _validate_dataset(cfg.dataset)
+    _positive_int("duplicates", cfg.duplicates)
+    _positive("eval_per_decade", cfg.eval_per_decade, allow_zero=True)
+    s = cfg.sharpness
+    _positive("sharpness.every_epochs", s.every_epochs, allow_zero=True)
+    for key in ("samples", "iters"):
+        _positive_int(f"sharpness.{key}", s[key])
+    _positive("sharpness.trace_samples", s.trace_samples, allow_zero=True)
+    if cfg.regime.momentum is not None and not 0 <= cfg.regime.momentum < 1:
+        raise ConfigError("regime.momentum", cfg.regime.momentum, "must be in [0, 1)")
 
     per_rank = cfg.batch // world_size
     if cfg.batch % world_size:
@@ -273,6 +326,10 @@ def _validate_dataset(ds: Any) -> None:
             if value != default:
                 raise ConfigError(f"dataset.{key}", value, f"only dataset=synthetic reads it; to train on fewer "
                                   f"samples of {ds.name}, use dataset.subset=N")
+    if not isinstance(ds.cutout, int) or ds.cutout < 0:
+        raise ConfigError("dataset.cutout", ds.cutout, "must be an integer >= 0 (0: no cutout)")
+    if ds.cutout and not facts.in_memory:
+        raise ConfigError("dataset.cutout", ds.cutout, f"is not available for {ds.name} (in-memory datasets only)")
     if ds.subset is not None:
         _positive_int("dataset.subset", ds.subset)
         full = facts.train_size if ds.name != "synthetic" else ds.train_size

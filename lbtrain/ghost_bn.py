@@ -288,3 +288,19 @@ def set_ghost_batch(module: nn.Module, ghost_batch: int | None) -> int:
             m.ghost_batch = ghost_batch
             count += 1
     return count
+
+
+def snapshot_deferred(module: nn.Module) -> list[tuple[GhostBatchNorm, Tensor, Tensor]]:
+    """Copies of the statistics that deferring layers of `module` have collected so far (see
+    `defer_running_stats`), for `restore_deferred`: a measurement that runs extra training-mode forwards in the
+    middle of an accumulated step must not add its batches to the step's running-statistics update."""
+    return [(m, m._stat_sum.clone(), m._stat_count.clone()) for m in module.modules()
+            if isinstance(m, GhostBatchNorm) and m._stat_sum is not None and m._stat_count is not None]
+
+
+def restore_deferred(snapshot: list[tuple[GhostBatchNorm, Tensor, Tensor]]) -> None:
+    with torch.no_grad():
+        for m, stat_sum, count in snapshot:
+            if m._stat_sum is not None and m._stat_count is not None:
+                m._stat_sum.copy_(stat_sum)
+                m._stat_count.copy_(count)

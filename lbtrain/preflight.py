@@ -9,17 +9,21 @@ it before Hydra makes the run folder; `Trainer.setup` runs it again with the loa
 
 from __future__ import annotations
 
+import functools
+import json
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 
 from lbtrain import catalog
 from lbtrain.config import ConfigError, resolved, schema_defaults, validate
 from lbtrain.data import check_present
 from lbtrain.identity import identity, identity_hash
-from lbtrain.models import build_model
+from lbtrain.models import MODEL_NAMES, build_model
+from lbtrain.optim import validate_optimizer_options
 from lbtrain.regime import Plan, make_plan
 
 
@@ -75,6 +79,26 @@ def data_facts(cfg: Any) -> tuple[int, int, tuple[int, int, int]]:
     return size, classes, shape  # type: ignore[return-value]
 
 
+@functools.lru_cache(maxsize=32)
+def _check_model(model_cfg: str, classes: int, shape: tuple[int, ...]) -> bool:
+    """Build the model without memory (meta device) and run a meta forward pass of two samples, which catches option
+    and shape mistakes; returns whether it has BatchNorm. Cached: a process checks a model once (the meta pass
+    costs ~0.3 s)."""
+    spec = json.loads(model_cfg)
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Initializing zero-element tensors": the error says it
+            model = build_model(spec, classes, shape)
+            empty = [n for n, p in model.named_parameters() if p.numel() == 0]
+            if empty:
+                raise ValueError(f"gives parameters with no elements ({', '.join(empty[:3])})")
+            model.train()
+            model(torch.empty((2, *shape)))
+    except (ValueError, TypeError, RuntimeError, IndexError) as e:  # a config mistake, not a crash
+        raise ConfigError("model.kwargs", spec.get("kwargs", {}), " ".join(str(e).split())[:300]) from None
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 def preflight(cfg: Any, world: int = 1, *, train_size: int | None = None, num_classes: int | None = None,
               input_shape: tuple[int, int, int] | None = None, local_rank: int = 0,
               check_data: bool = True) -> Checked:
@@ -82,6 +106,12 @@ def preflight(cfg: Any, world: int = 1, *, train_size: int | None = None, num_cl
 
     `train_size`, `num_classes` and `input_shape` are the loaded data's, when known (else the catalog's)."""
     validate(cfg, world)
+    if cfg.model.name not in MODEL_NAMES:
+        raise ConfigError("model.name", cfg.model.name, f"allowed: {', '.join(MODEL_NAMES)}")
+    o = cfg.optimizer
+    validate_optimizer_options(o.name, momentum=cfg.regime.momentum if cfg.regime.momentum is not None
+                               else cfg.base.momentum, weight_decay=cfg.base.weight_decay, betas=list(o.betas),
+                               eps=o.eps, trust_coefficient=o.trust_coefficient, nesterov=cfg.base.nesterov)
     if check_data:
         check_present(cfg.dataset)
     size, classes, shape = data_facts(cfg)
@@ -89,22 +119,14 @@ def preflight(cfg: Any, world: int = 1, *, train_size: int | None = None, num_cl
     if cfg.dataset.subset is not None and cfg.dataset.subset < classes:
         raise ConfigError("dataset.subset", cfg.dataset.subset, f"must hold every one of the {classes} classes "
                           "at least once")
+    if cfg.dataset.cutout > min(shape[1], shape[2]):
+        raise ConfigError("dataset.cutout", cfg.dataset.cutout, f"must be at most the image side ({min(shape[1:])})")
     plan = make_plan(cfg, size, world)
     pick_device(str(cfg.device), local_rank)
 
-    try:  # built without memory (meta device); a meta forward pass catches shape mistakes too
-        with torch.device("meta"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # e.g. "Initializing zero-element tensors": the error says it
-            model = build_model(cfg.model, classes, shape)
-            empty = [n for n, p in model.named_parameters() if p.numel() == 0]
-            if empty:
-                raise ValueError(f"gives parameters with no elements ({', '.join(empty[:3])})")
-            model.train()
-            model(torch.empty((2, *shape)))
-    except (ValueError, TypeError, RuntimeError, IndexError) as e:  # a config mistake, not a crash
-        kwargs = dict(cfg.model.kwargs)
-        raise ConfigError("model.kwargs", kwargs, " ".join(str(e).split())[:300]) from None
-    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    model_cfg = json.dumps(OmegaConf.to_container(cfg.model, resolve=True) if OmegaConf.is_config(cfg.model)
+                           else dict(cfg.model), sort_keys=True, default=str)
+    has_bn = _check_model(model_cfg, classes, tuple(shape))
     per_rank = cfg.batch // world
     bn_batch = plan.ghost_batch or cfg.micro_batch or per_rank
     if has_bn and bn_batch < 2:

@@ -3,10 +3,21 @@
 A run is planned once, from the config and the training-set size, into a `Plan`. Rounding rules:
 - a milestone at (fractional) epoch e falls on update `start(floor(e)) + round(frac(e) * steps(floor(e)))`,
   so LR changes land on whole updates; the run's length uses the same rule for its last epoch;
-- every epoch has `train_size // batch` updates (the last partial batch is dropped, so each step has
-  exactly `batch` samples, which ghost batch norm needs);
+- every epoch has `train_size // distinct` updates, `distinct = batch / duplicates` the distinct samples of a
+  step (the last partial batch is dropped, so each step has exactly `batch` samples, which ghost batch norm
+  needs; with batch augmentation an epoch is one pass over the distinct samples);
 - the batch only changes at epoch boundaries: a batch-increase milestone at epoch e takes effect from
   epoch ceil(e).
+
+LR shapes (`base.schedule`): `step` is the recipe's piecewise-constant schedule (milestones + gamma, or explicit
+`lr_schedule` points), stretched by `epochs=` and `adapt`; `cosine` is `lr * (1 + cos(pi t / T)) / 2` and
+`linear` is `lr * (1 - t / T)`, per update, over the T updates after warm-up, down to 0 at the last update (they
+take the recipe's `lr` and ignore its milestones). Every shape starts with the regime's linear warm-up from
+`base.lr` to the scaled LR.
+
+Smith et al.'s momentum rule (`regime.momentum`): the SGD noise scale g = lr N / (B (1 - m)) stays the base
+recipe's when the momentum changes: with `lr_scaling=none` the batch becomes `base.batch (1 - m_base) / (1 - m)`,
+with `lr_scaling=linear` the LR becomes `base.lr (B / base.batch) (1 - m) / (1 - m_base)`.
 """
 
 from __future__ import annotations
@@ -20,6 +31,8 @@ from typing import Any
 from lbtrain.catalog import train_size as catalog_train_size
 from lbtrain.config import ConfigError, LRScaling
 
+SCHEDULES = ("step", "cosine", "linear")
+
 
 def _enum_name(value: Any) -> str:
     return value.name if hasattr(value, "name") else str(value)
@@ -30,23 +43,32 @@ class Plan:
     train_size: int
     r: float  # batch / base.batch
     start_lr: float  # the LR warm-up starts from (the unscaled base LR)
-    lr: float  # the scaled LR of the first phase
+    lr: float  # the scaled LR of the first phase (the peak of a cosine / linear shape)
     epochs: float
     momentum: float
     ghost_batch: int | None
-    epoch_batches: tuple[int, ...]  # batch of epoch i
+    epoch_batches: tuple[int, ...]  # batch of epoch i (samples per step, copies included)
     epoch_steps: tuple[int, ...]  # updates in epoch i
     epoch_start: tuple[int, ...]  # first update of epoch i
     total_updates: int
     lr_updates: tuple[int, ...]  # updates where a piecewise-constant LR phase starts (first is 0)
     lr_values: tuple[float, ...]
     warmup_updates: int
+    schedule: str = "step"  # step | cosine | linear
+    duplicates: int = 1  # copies of each distinct sample in a step (batch augmentation)
+    base_noise_scale: float | None = None  # the base recipe's g at update 0 (for the momentum rule)
 
     def lr_at(self, update: int) -> float:
         """LR used by the optimizer step that produces update number `update + 1` (0-based step)."""
-        lr = self.lr_values[bisect.bisect_right(self.lr_updates, update) - 1]
+        if self.schedule == "step":
+            lr = self.lr_values[bisect.bisect_right(self.lr_updates, update) - 1]
+        else:
+            span = max(self.total_updates - self.warmup_updates, 1)
+            t = min(max(update - self.warmup_updates, 0), span) / span
+            lr = self.lr * (0.5 * (1.0 + math.cos(math.pi * t)) if self.schedule == "cosine" else 1.0 - t)
         if update < self.warmup_updates:
-            lr = self.start_lr + (lr - self.start_lr) * update / self.warmup_updates
+            target = lr if self.schedule == "step" else self.lr
+            lr = self.start_lr + (target - self.start_lr) * update / self.warmup_updates
         return lr
 
     def epoch_of(self, update: int) -> int:
@@ -59,8 +81,10 @@ class Plan:
         return self.batch_at_epoch(self.epoch_of(update))
 
     def noise_scale(self, update: int) -> float:
-        """Smith et al.'s SGD noise scale g = lr N / (B (1 - m))."""
-        return self.lr_at(update) * self.train_size / (self.batch_at(update) * (1 - self.momentum))
+        """Smith et al.'s SGD noise scale g = lr N / (B (1 - m)), B the distinct samples of a step (copies of one
+        sample are not independent draws)."""
+        distinct = self.batch_at(update) // self.duplicates
+        return self.lr_at(update) * self.train_size / (distinct * (1 - self.momentum))
 
     @property
     def num_epochs(self) -> int:
@@ -72,6 +96,10 @@ class Plan:
         changes = [[0, self.epoch_batches[0]]] + [
             [i, b] for i, b in enumerate(self.epoch_batches) if i and b != self.epoch_batches[i - 1]
         ]
+        if self.schedule == "step":
+            lr_schedule = [[u, v] for u, v in zip(self.lr_updates, self.lr_values)]  # [[update, lr], ...]
+        else:  # the shape's end points: the peak after warm-up and 0 at the last update
+            lr_schedule = [[self.warmup_updates, self.lr], [self.total_updates, 0.0]]
         return {
             "train_size": self.train_size,
             "lr": self.lr,
@@ -79,8 +107,13 @@ class Plan:
             "updates": self.total_updates,
             "ghost_batch": self.ghost_batch,
             "batch_schedule": changes,  # [[epoch, batch], ...]
-            "lr_schedule": [[u, v] for u, v in zip(self.lr_updates, self.lr_values)],  # [[update, lr], ...]
+            "schedule": self.schedule,
+            "lr_schedule": lr_schedule,
             "warmup_updates": self.warmup_updates,
+            "momentum": self.momentum,
+            "duplicates": self.duplicates,
+            "noise_scale": self.noise_scale(0),
+            "base_noise_scale": self.base_noise_scale,
         }
 
 
@@ -104,10 +137,11 @@ def expand_batches(schedule: Sequence[Sequence[int]], n_epochs: int) -> list[int
     return batches
 
 
-def epoch_layout(train_size: int, batches: Sequence[int]) -> tuple[list[int], list[int], Callable[[float], int]]:
+def epoch_layout(train_size: int, batches: Sequence[int],
+                 duplicates: int = 1) -> tuple[list[int], list[int], Callable[[float], int]]:
     """(first update of each epoch, full updates of each epoch, epoch -> update): the rounding rules of the module
     docstring, in one place (the report reuses them to place logged updates on the epoch axis)."""
-    steps = [train_size // b for b in batches]
+    steps = [train_size // (b // duplicates) for b in batches]
     starts = [0]
     for s in steps[:-1]:
         starts.append(starts[-1] + s)
@@ -127,23 +161,54 @@ def lr_factor(scaling: Any, r: float) -> float:
     return {"none": 1.0, "sqrt": math.sqrt(r), "linear": r}[LRScaling[scaling].value]
 
 
+def momentum_rule(cfg: Any) -> tuple[int, float, float]:
+    """(batch, LR factor, momentum) of a run: Smith et al.'s momentum rule when `regime.momentum` is set (see the
+    module docstring), else the configured batch, the regime's LR factor and the recipe's momentum."""
+    base, regime = cfg.base, cfg.regime
+    m = getattr(regime, "momentum", None)
+    if m is None:
+        return int(cfg.batch), lr_factor(regime.lr_scaling, cfg.batch / base.batch), float(base.momentum)
+    keep = (1.0 - base.momentum) / (1.0 - m)  # B / (1 - m) constant: the factor g must be given back
+    scaling = _enum_name(regime.lr_scaling)
+    if scaling == "none":
+        if cfg.batch != base.batch:
+            raise ConfigError("batch", cfg.batch, "is set by regime.momentum with lr_scaling=none (the batch that "
+                              "keeps the noise scale); leave it out, or use regime.lr_scaling=linear")
+        batch = base.batch * keep
+        if abs(batch - round(batch)) > 1e-6:
+            raise ConfigError("regime.momentum", m, f"gives a fractional batch {batch:.4g} from base.batch "
+                              f"{base.batch}: choose m so that {base.batch} (1 - {base.momentum}) / (1 - m) is whole")
+        return round(batch), 1.0, float(m)
+    if scaling == "linear":
+        return int(cfg.batch), (cfg.batch / base.batch) / keep, float(m)
+    raise ConfigError("regime.lr_scaling", scaling, "with regime.momentum, use none (the batch keeps the noise scale) "
+                      "or linear (the LR keeps it)")
+
+
 def make_plan(cfg: Any, train_size: int, world_size: int = 1) -> Plan:
     """Plan a run: every LR phase, every epoch's batch and number of updates."""
     base, regime = cfg.base, cfg.regime
-    r = cfg.batch / base.batch
+    shape = _enum_name(getattr(base, "schedule", "step"))
+    duplicates = int(getattr(cfg, "duplicates", 1) or 1)
+    batch0, k, momentum = momentum_rule(cfg)
+    r = batch0 / base.batch
     # `epochs=N` shortens/extends the recipe keeping its shape: milestones scale with it.
     stretch = (cfg.epochs / base.epochs) if cfg.epochs is not None else 1.0
     if regime.adapt_epochs:
         stretch *= r  # Hoffer et al.'s regime adaptation: as many updates as the small batch
     epochs = base.epochs * stretch
-    k = lr_factor(regime.lr_scaling, r)
     phases = [(e * stretch, lr * k) for e, lr in base_schedule(base)]
+    if shape != "step":
+        phases = [(0.0, float(base.lr) * k)]  # the shape is a function of the update; milestones do not apply
 
     # Smith et al.: turn LR drops into batch increases until max_batch, then drop the LR (hybrid).
     batch_changes: list[tuple[int, int]] = []  # (epoch, new batch)
     if regime.batch_increase:
-        max_batch = min(regime.max_batch or train_size, train_size)
-        batch, lr_phases = cfg.batch, [phases[0]]
+        if shape != "step":
+            raise ConfigError("base.schedule", shape, "regime.batch_increase turns the step schedule's LR drops "
+                              "into batch increases: it needs base.schedule=step")
+        max_batch = min(regime.max_batch or train_size * duplicates, train_size * duplicates)
+        batch, lr_phases = batch0, [phases[0]]
         for (_, prev), (e, lr) in zip(phases, phases[1:]):
             factor = prev / lr  # the recipe's drop at this milestone (5 in Smith et al.)
             grown = round(batch * factor)
@@ -155,17 +220,22 @@ def make_plan(cfg: Any, train_size: int, world_size: int = 1) -> Plan:
         phases = lr_phases
 
     n_epochs = max(math.ceil(epochs - 1e-9), 1)
-    batches = expand_batches([[0, cfg.batch], *batch_changes], n_epochs)
+    batches = expand_batches([[0, batch0], *batch_changes], n_epochs)
     ghost = cfg.ghost_batch if regime.ghost_bn else None
     for i, b in enumerate(batches):
-        if b > train_size:
-            raise ConfigError("batch", b, f"exceeds the training set size ({train_size})")
+        key = "batch" if i == 0 and b == cfg.batch else f"batch (epoch {i})"
+        if b % duplicates:
+            raise ConfigError("duplicates", duplicates, f"must divide the {key} ({b})")
+        if b // duplicates > train_size:
+            raise ConfigError("batch", b, f"exceeds the training set size ({train_size})"
+                              + (f" in distinct samples ({b // duplicates})" if duplicates > 1 else ""))
         if b % world_size:
             raise ConfigError("batch", b, f"(epoch {i}) must be divisible by the number of processes ({world_size})")
         if ghost and (b // world_size) % ghost:
             per_rank = b // world_size
             raise ConfigError("ghost_batch", ghost, f"must divide the per-process batch of epoch {i} ({per_rank})")
-    starts, steps, update_of = epoch_layout(train_size, batches)
+    starts, steps, update_of = epoch_layout(train_size, batches, duplicates)
+
     total = update_of(epochs)
     warmup = update_of(regime.warmup_epochs * stretch) if regime.warmup_epochs else 0
     lr_updates, lr_values = [], []
@@ -178,16 +248,17 @@ def make_plan(cfg: Any, train_size: int, world_size: int = 1) -> Plan:
             lr_values.append(lr)
     if total < 1:
         key, value = ("epochs", cfg.epochs) if cfg.epochs is not None else ("base.epochs", base.epochs)
-        raise ConfigError(key, value, f"gives 0 updates at batch {cfg.batch} of {train_size} samples (one update "
-                          f"is {cfg.batch / train_size:.3g} epochs)")
+        raise ConfigError(key, value, f"gives 0 updates at batch {batch0} of {train_size} samples (one update "
+                          f"is {batch0 / duplicates / train_size:.3g} epochs)")
     steps[-1] = total - starts[-1]  # a fractional last epoch is partial
+    base_g = float(base.lr) * train_size / (base.batch * (1 - base.momentum))
     return Plan(
         train_size=train_size,
         r=r,
-        start_lr=float(phases[0][1] / k),
+        start_lr=float(base_schedule(base)[0][1]) if shape == "step" else float(base.lr),
         lr=float(phases[0][1]),
         epochs=float(epochs),
-        momentum=float(base.momentum),
+        momentum=momentum,
         ghost_batch=ghost,
         epoch_batches=tuple(batches),
         epoch_steps=tuple(steps),
@@ -196,6 +267,9 @@ def make_plan(cfg: Any, train_size: int, world_size: int = 1) -> Plan:
         lr_updates=tuple(lr_updates),
         lr_values=tuple(lr_values),
         warmup_updates=min(warmup, total),
+        schedule=shape,
+        duplicates=duplicates,
+        base_noise_scale=base_g,
     )
 
 

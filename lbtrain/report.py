@@ -595,8 +595,13 @@ def write_figures(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------------------------- main
-def summarize(paths: Iterable[str | Path], out_dir: str | Path, figures: bool = True) -> dict[str, Any]:
-    """Find the runs, write tables (and figures) into `out_dir`; returns the tables and the written files."""
+def summarize(paths: Iterable[str | Path], out_dir: str | Path, figures: bool = True,
+              target_error: float | None = None) -> dict[str, Any]:
+    """Find the runs, write tables (and figures) into `out_dir`; returns the tables and the written files. With
+    `target_error`, or when runs measured the noise scale or sharpness, the scaling section too
+    (lbtrain.scaling)."""
+    from lbtrain import scaling  # (it builds on this module)
+
     paths = [Path(p) for p in paths]
     runs = find_runs(paths)
     if not runs:
@@ -605,7 +610,8 @@ def summarize(paths: Iterable[str | Path], out_dir: str | Path, figures: bool = 
     files = write_tables(tables, out_dir)
     if figures:
         files += write_figures(runs, out_dir)
-    return {**tables, "files": files, "runs_found": runs}
+    more, extra = scaling.write_scaling(runs, Path(out_dir), target_error, figures)
+    return {**tables, **more, "files": files + extra, "runs_found": runs}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -614,7 +620,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="run folders or folders holding them at any depth")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: <first dir>/report)")
     parser.add_argument("--no-figures", action="store_true", help="write the tables only")
+    parser.add_argument("--target-error", type=float, default=None, metavar="E",
+                        help="add steps to validation error <= E per configuration (Shallue et al. 2018), with "
+                             "steps_to_target.md/.csv/.png and the fitted critical batch (knee.md/.csv)")
     args = parser.parse_args(argv)
+    if args.target_error is not None and not 0 < args.target_error < 1:
+        print(f"lbtrain-report: error: --target-error {args.target_error}: must be in (0, 1) (a validation error)",
+              file=sys.stderr)
+        return 2
     first = args.paths[0]
     out = args.out or ((first.parent if first.is_file() else first) / "report")
     if out.exists() and not out.is_dir():
@@ -622,7 +635,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
-        summary = summarize(args.paths, out, figures=not args.no_figures)
+        summary = summarize(args.paths, out, figures=not args.no_figures, target_error=args.target_error)
     except NoRunsError as e:
         print(f"lbtrain-report: {e}", file=sys.stderr)
         return 1
@@ -636,6 +649,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(row["seeds"] > 1 for row in summary["runs_mean"]):
         print("Runs, mean ± std over seeds\n")
         print(to_markdown(summary["runs_mean"]))
+    for name, title in (("steps_to_target", f"Steps to validation error <= {args.target_error}"),
+                        ("knee", "Critical batch: S(B) = S_min (1 + B_crit / B) fitted to the steps to target"),
+                        ("scaling", "Sharpness and noise scale at the end of training")):
+        if summary.get(name):
+            print(f"{title}\n")
+            print(to_markdown(summary[name]))
     print("Wrote:")
     for path in summary["files"]:
         print(f"  {path}")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lbtrain.checkpoint import CheckpointError, read_checkpoint_meta
+from lbtrain.checkpoint import CHECKPOINT_KEYS, CheckpointError, load_checkpoint, read_checkpoint_meta
 from lbtrain.config import ConfigError
 from lbtrain.identity import describe_diff, diff
 from lbtrain.results import Results, ResultsError, read_results
@@ -141,9 +141,10 @@ def inspect_folder(folder: str | Path) -> FolderState:
 
 
 def check_folder(folder: str | Path, ident: dict[str, Any], defaults: dict[str, Any],
-                 resume: str | None = None, check_lock: bool = True) -> FolderState:
+                 resume: str | None = None, check_lock: bool = True, verify: bool = False) -> FolderState:
     """Everything about a run folder that can refuse a run, read-only: another live writer, another run's results
-    or checkpoint in it, a `resume=PATH` checkpoint that is missing or of another run. Returns the folder's state."""
+    or checkpoint in it, a `resume=PATH` checkpoint that is missing or of another run; with `verify`, the
+    checkpoint to resume from is loaded and checked (checksum, keys) too. Returns the folder's state."""
     folder = Path(folder)
     holder = lock_holder(folder) if check_lock else None
     if holder is not None:
@@ -159,6 +160,11 @@ def check_folder(folder: str | Path, ident: dict[str, Any], defaults: dict[str, 
         if changes:
             raise RunFolderError(f"{folder} holds another run ({describe_diff(changes, 'there', 'this run')}); "
                                  "choose another folder (hydra.run.dir=PATH) or move it away")
+    if verify and state.checkpoint is not None and not state.final:
+        try:
+            load_checkpoint(folder / "checkpoint.pt", required=CHECKPOINT_KEYS)
+        except CheckpointError as e:
+            raise RunFolderError(str(e)) from None
     if resume and state.checkpoint is None:
         path = Path(resume)
         if not path.is_file():
@@ -173,4 +179,9 @@ def check_folder(folder: str | Path, ident: dict[str, Any], defaults: dict[str, 
         if changes:
             raise ConfigError("resume", str(path), "checkpoint belongs to another run: "
                               + describe_diff(changes, "checkpoint", "this run"))
+        if verify:
+            try:
+                load_checkpoint(path, required=CHECKPOINT_KEYS)
+            except CheckpointError as e:
+                raise ConfigError("resume", str(path), str(e)) from None
     return state

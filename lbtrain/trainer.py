@@ -30,13 +30,21 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 import lbtrain
 from lbtrain import distributed
-from lbtrain.checkpoint import CheckpointError, atomic_write_json, load_checkpoint, save_checkpoint
+from lbtrain.checkpoint import (
+    CHECKPOINT_KEYS,
+    CheckpointError,
+    atomic_write_json,
+    load_checkpoint,
+    save_checkpoint,
+)
 from lbtrain.config import ConfigError, schema_defaults
 from lbtrain.data import load_dataset, make_loaders
 from lbtrain.ghost_bn import apply_deferred_stats, convert_to_ghost_bn, defer_running_stats
 from lbtrain.identity import describe_diff, diff
+from lbtrain.instruments.probes import attach as attach_instruments
 from lbtrain.metrics import fit_log, log_spaced_steps, weight_distance
 from lbtrain.models import build_model
+from lbtrain.optim import build_optimizer, uses_sgd_noise_scale
 from lbtrain.preflight import Checked, pick_device, preflight
 from lbtrain.regime import Plan
 from lbtrain.results import FINAL, Results
@@ -45,7 +53,6 @@ from lbtrain.tb import TBLogger
 
 log = logging.getLogger("lbtrain")
 
-CHECKPOINT_KEYS = ("model", "optimizer", "w0", "state", "rng", "identity")
 DIVERGENCE_CHECK_EVERY = 8  # updates between the loop's (sync-free) looks at the training loss
 
 
@@ -68,7 +75,8 @@ def set_determinism(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
     else:
-        torch.use_deterministic_algorithms(False)
+        if torch.are_deterministic_algorithms_enabled():  # (the call itself imports torch._dynamo: ~4 s)
+            torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.benchmark = True
 
 
@@ -128,8 +136,8 @@ class RunState:
 class Hooks:
     """Public extension points, each a list of callables run in order. Empty lists cost nothing.
 
-    - `micro_backward(trainer, index, parts)`: after the backward of micro-batch `index` of `parts` (parts == 1
-      without accumulation); `p.grad` holds the sum over micro-batches so far, scaled to the whole batch.
+    - `micro_backward(trainer, index, parts, log_now)`: after the backward of micro-batch `index` of `parts`
+      (parts == 1 without accumulation); `p.grad` holds the sum over micro-batches so far, scaled to the whole batch.
     - `after_backward(trainer, x, y, log_now)`: the whole update's gradient is in `p.grad` (before clipping and the
       optimizer step); `x`, `y` this process's batch; `log_now` whether this update is a log step.
     - `step_end(trainer)`: after the optimizer step; `trainer.state.step` counts it.
@@ -266,8 +274,12 @@ class Trainer:
         # the CLI holds the folder's lock; API users (tests, scripts) own their folders
         self.folder: FolderState = check_folder(self.run_dir, self.identity, schema_defaults(), cfg.resume,
                                                 check_lock=False)
+        if cfg.duplicates > 1 and not data.augment and not cfg.dataset.cutout:
+            log.warning("duplicates=%d without augmentation (dataset.augment=false, no cutout): the copies of a "
+                        "sample are identical", cfg.duplicates)
         self.train_loader, self.val_loader = make_loaders(
-            data, device=dev, seed=cfg.seed, channels_last=cfg.channels_last)
+            data, device=dev, seed=cfg.seed, channels_last=cfg.channels_last, duplicates=cfg.duplicates,
+            cutout=cfg.dataset.cutout)
 
         model = build_model(cfg.model, data.num_classes, data.input_shape)
         if self.plan.ghost_batch:
@@ -275,9 +287,14 @@ class Trainer:
         model = model.to(dev, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
         self.net = model  # the plain module: checkpoints and the weight distance use it
         self.params = [p for p in model.parameters() if p.requires_grad]
-        b = cfg.base
-        self.opt = torch.optim.SGD(self.params, lr=self.plan.lr, momentum=self.plan.momentum,
-                                   weight_decay=b.weight_decay, nesterov=b.nesterov, fused=dev.type == "cuda" or None)
+        b, o = cfg.base, cfg.optimizer
+        self.opt = build_optimizer(model, o.name, lr=self.plan.lr, momentum=self.plan.momentum,
+                                   weight_decay=b.weight_decay, nesterov=b.nesterov, betas=tuple(o.betas), eps=o.eps,
+                                   trust_coefficient=o.trust_coefficient, exclude_bn_bias=o.exclude_bn_bias,
+                                   fused=dev.type == "cuda" or None)
+        # Smith et al.'s g = lr N / (B (1 - m)) is SGD's noise scale: for the others opt/noise_scale is not logged
+        # (an adaptive optimizer rescales each coordinate's step, so lr alone does not set the noise).
+        self.sgd_noise_scale = uses_sgd_noise_scale(o.name, self.plan.momentum)
         # Read on every update: plain attributes, not config lookups (~10-25 us each).
         self.micro_batch, self.grad_clip = cfg.micro_batch, b.grad_clip
         self.log_every, self.every_steps = cfg.log_every, cfg.checkpoint.every_steps
@@ -295,6 +312,7 @@ class Trainer:
             log.warning("BatchNorm statistics are computed over %d samples (%s), not the batch of %d: this acts like "
                         "ghost batch norm of that size. Recorded as bn_batch in results.json.", self.bn_batch,
                         "micro_batch" if self.micro_batch else "the per-process share", cfg.batch)
+        self._instrument_state: dict[str, Any] = {}
         self.resumed_from = None if self.folder.final else self._resume()
         self.model = model
         if self.dist.enabled:
@@ -308,6 +326,12 @@ class Trainer:
         if cfg.compile:
             self.model = torch.compile(self.model)
         self.distance_steps = log_spaced_steps(self.plan.total_updates)
+        per_decade = cfg.eval_per_decade
+        self.eval_steps = log_spaced_steps(self.plan.total_updates, per_decade) if per_decade else set()
+        self.probes = attach_instruments(self)
+        for name, probe in self.probes.items():  # an instrument's own state (e.g. the noise scale's averages)
+            if name in self._instrument_state and hasattr(probe, "load_state_dict"):
+                probe.load_state_dict(self._instrument_state[name])
         if not self.resumed_from and self.dist.main and not self.folder.final:
             # a run killed before its first checkpoint starts over: its points would otherwise be duplicated
             for stale in self.run_dir.glob("events.out.tfevents.*"):
@@ -339,6 +363,7 @@ class Trainer:
                 "model": self.net.state_dict(), "optimizer": self.opt.state_dict(), "w0": self.w0,
                 "state": st.state_dict(), "rng": rng, "identity": self.identity,
                 "identity_hash": self.identity_hash, "plan": self.plan.summary(),
+                "instruments": {n: p.state_dict() for n, p in self.probes.items() if hasattr(p, "state_dict")},
             }, meta={"identity": self.identity, "identity_hash": self.identity_hash, "status": st.status,
                      "step": st.step, "version": lbtrain.__version__})
 
@@ -364,6 +389,7 @@ class Trainer:
             self.state.status = "running"  # an interrupted (or failed) attempt goes on
         if not self.dist.main:  # rank 0 carries the sums of all ranks (see save)
             self.state.acc.zero_()
+        self._instrument_state = ckpt.get("instruments") or {}
         torch.set_rng_state(ckpt["rng"]["torch"].cpu())
         if ckpt["rng"]["cuda"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), self.device)
@@ -393,7 +419,7 @@ class Trainer:
             acc[0] += loss.detach() * yc.shape[0]
             acc[1] += (out.argmax(1) == yc).sum()
             for hook in self.hooks.micro_backward:
-                hook(self, i, parts)
+                hook(self, i, parts, log_now)
         acc[2] += n
         apply_deferred_stats(self.deferred_bn)
         for hook in self.hooks.after_backward:
@@ -439,7 +465,7 @@ class Trainer:
             "train/error": 1.0 - correct / n if n else math.nan,
             "opt/lr": self.plan.lr_at(last),
             "opt/batch_size": self.plan.batch_at(last),
-            "opt/noise_scale": self.plan.noise_scale(last),
+            **({"opt/noise_scale": self.plan.noise_scale(last)} if self.sgd_noise_scale else {}),
             "opt/grad_norm": grad_norm,
             "perf/images_per_sec": interval_images / max(interval_time, 1e-9),
         }
@@ -455,8 +481,12 @@ class Trainer:
         last = self._pending[-1][0] if self._pending else (st.distances[-1][0] if st.distances else None)
         if last != st.step:
             self._pending.append((st.step, weight_distance(self.params, self.w0)))
+            if "layer_distance" in self.probes:
+                self.probes["layer_distance"].measure(st.step)
 
     def flush_distances(self) -> None:
+        if "layer_distance" in self.probes:
+            self.probes["layer_distance"].flush()
         if not self._pending:
             return
         values = torch.stack([d for _, d in self._pending]).tolist()  # one host sync for all of them
@@ -515,6 +545,9 @@ class Trainer:
                                 break
                         if st.step in self.distance_steps:
                             self.log_distance()
+                        if st.step in self.eval_steps and st.step < end:  # (epoch ends validate anyway)
+                            self.validate()
+                            tick = time.perf_counter()  # evaluation time is not training throughput
                         if st.step < end and self.every_steps and st.step % self.every_steps == 0:
                             st.wall = time.perf_counter() - start
                             self.save()
@@ -579,9 +612,7 @@ class Trainer:
         self.flush_distances()
         every = self.cfg.eval_every
         if final or (every and (epoch + 1) % every == 0):
-            st.last_val = self.evaluate()
-            st.best_val_error = min(st.best_val_error, st.last_val["val/error"])
-            self.tb.scalars(st.step, st.last_val)
+            self.validate()
         if self.dist.main:  # printed above the progress bar in a terminal, always in lbtrain.log
             val = f" val_err {st.last_val['val/error']:.4f}" if st.last_val else ""
             log.info("epoch %d/%d update %d/%d lr %.4g batch %d dist %.3f%s", epoch + 1, self.plan.num_epochs,
@@ -589,6 +620,13 @@ class Trainer:
                      st.distances[-1][1], val)
         for hook in self.hooks.epoch_end:
             hook(self, epoch)
+
+    def validate(self) -> None:
+        """Evaluate now and record it (val/* at this update, best error)."""
+        st = self.state
+        st.last_val = self.evaluate()
+        st.best_val_error = min(st.best_val_error, st.last_val["val/error"])
+        self.tb.scalars(st.step, st.last_val)
 
     def _diverged(self, loss: float) -> None:
         self.state.status = "diverged"
@@ -601,6 +639,7 @@ class Trainer:
     def hparams(self) -> dict[str, Any]:
         c = self.cfg
         return {"experiment": c.name, "dataset": c.dataset.name, "batch": c.batch, "regime": c.regime.name,
+                "optimizer": c.optimizer.name,
                 "lr": self.plan.lr, "ghost_batch": self.plan.ghost_batch or 0, "seed": c.seed,
                 "base_batch": c.base.batch, "epochs": self.plan.epochs, "identity": self.identity_hash}
 
@@ -611,10 +650,12 @@ class Trainer:
         pts = early if len(early) >= 3 else [(t, d) for t, d in st.distances if t >= 1]
         fit = fit_log([t for t, _ in pts], [d for _, d in pts])
         e = plan.epoch_of(st.step)  # epochs done = whole epochs + the fraction of a full epoch's updates
-        done_epochs = e + (st.step - plan.epoch_start[e]) / (plan.train_size // plan.batch_at_epoch(e))
+        full = plan.train_size // (plan.batch_at_epoch(e) // plan.duplicates)  # updates of a whole epoch e
+        done_epochs = e + (st.step - plan.epoch_start[e]) / full
         return Results(
             status=status or st.status, error=error, identity=self.identity, identity_hash=self.identity_hash,
-            experiment=c.name, dataset=c.dataset.name, model=c.model.name, regime=c.regime.name, optimizer="sgd",
+            experiment=c.name, dataset=c.dataset.name, model=c.model.name, regime=c.regime.name,
+            optimizer=c.optimizer.name,
             batch=c.batch, base_batch=c.base.batch, ghost_batch=plan.ghost_batch, bn_batch=self.bn_batch,
             seed=c.seed, lr=plan.lr, final_val_error=st.last_val.get("val/error"),
             final_val_loss=st.last_val.get("val/loss"),
@@ -627,6 +668,8 @@ class Trainer:
             distance_fit={**(fit if st.status != "diverged" else dict.fromkeys(fit)), "points": len(pts)},
             diverged_at=st.diverged_at, effective=plan.summary(), world_size=self.dist.world,
             train_size=plan.train_size, version=lbtrain.__version__,
+            gns=self.probes["gns"].results() if "gns" in self.probes else None,
+            sharpness=self.probes["sharpness"].results() if "sharpness" in self.probes else None,
         )
 
     def _write_results(self, status: str | None = None, error: str | None = None) -> dict[str, Any]:

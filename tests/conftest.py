@@ -10,6 +10,7 @@ import pickle
 import struct
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +36,55 @@ def make_cfg(*overrides: str) -> DictConfig:
 
 def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 300,
             module: str = "lbtrain") -> subprocess.CompletedProcess:
-    """Run `python -m lbtrain ARGS` in `cwd` (outputs/ lands there)."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    """Run `python -m lbtrain ARGS` in `cwd` (outputs/ lands there). One torch thread unless `env` says otherwise:
+    on a small shared machine 2-thread runs stall whenever another process runs (tiny models gain nothing)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     full_env.pop("LBTRAIN_TEST_SIGNAL", None) if env is None or "LBTRAIN_TEST_SIGNAL" not in env else None
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_main(*args: str, cwd: Path, env: dict[str, str] | None = None) -> Ran:
+    """`lbtrain ARGS` in this process, like run_cli but without a new interpreter and torch import (~3 s a call).
+    For commands where a subprocess adds nothing: no SIGKILL, no terminal, no launcher. Restores the working
+    folder, argv, environment and torch's global settings afterwards."""
+    import contextlib
+    import io
+
+    import torch
+
+    from lbtrain import cli
+
+    saved = (os.getcwd(), sys.argv, dict(os.environ), torch.get_num_threads(),
+             torch.are_deterministic_algorithms_enabled(), torch.get_rng_state())
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    try:
+        os.chdir(cwd)
+        sys.argv = ["lbtrain", *args]
+        os.environ.pop("LBTRAIN_TEST_SIGNAL", None)
+        os.environ.update({"OMP_NUM_THREADS": "1", **(env or {})})
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                cli.main()
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        os.chdir(saved[0])
+        sys.argv = saved[1]
+        os.environ.clear()
+        os.environ.update(saved[2])
+        torch.set_num_threads(saved[3])
+        torch.use_deterministic_algorithms(saved[4])
+        torch.set_rng_state(saved[5])
+    return Ran(code, out.getvalue(), err.getvalue())
 
 
 def scalars(run_dir: Path | str) -> dict[str, list[tuple[int, float]]]:

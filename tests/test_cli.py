@@ -26,6 +26,23 @@ BAD_INPUTS = [
     (["device=tpu"], "device='tpu': allowed: auto, cpu, cuda"),
     (["experiment=f1_mnist", "dataset.root=/nonexistent/data"], "/nonexistent/data"),
     (["hydra.run.dir=/etc/hostname/run"], "/etc/hostname"),
+    # the run-identity issue's tracebacks, now one line each
+    (["epochs=0.001"], "epochs=0.001: gives 0 updates"),
+    (["batch=1"], "batch=1: leaves 1 sample per BatchNorm statistic"),
+    (["micro_batch=1"], "micro_batch=1: leaves 1 sample per BatchNorm statistic"),
+    (["device=mps"], "device='mps': MPS (Apple GPU) is not available"),
+    (["dataset=synthetic", "dataset.val_size=0"], "dataset.val_size=0: must be an integer >= 1"),
+    (["dataset=synthetic", "dataset.num_classes=0"], "dataset.num_classes=0: must be an integer >= 2"),
+    (["model.kwargs.hidden=0"], "model.kwargs="),
+    (["+typo=1"], "typo=1: unknown key"),
+    (["experiment=f1_mnist", "dataset.train_size=500"], "dataset.train_size=500: only dataset=synthetic reads it"),
+    # optimizers, schedules, batch augmentation
+    (["optimizer=adam"], "optimizer=adam: unknown option; allowed: adamw, lamb, lars, sgd"),
+    (["optimizer=lars", "optimizer.trust_coefficient=-0.1"], "optimizer.trust_coefficient=-0.1: must be"),
+    (["base.schedule=cosine", "regime=batch_increase"], "needs base.schedule=step"),
+    (["duplicates=3"], "duplicates=3: must divide the batch (16)"),
+    (["dataset.cutout=9"], "dataset.cutout=9: must be at most the image side (8)"),
+    (["regime.momentum=1.5"], "regime.momentum=1.5: must be in [0, 1)"),
 ]
 
 

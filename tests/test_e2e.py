@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import run_cli, scalars
+from conftest import run_cli, run_main, scalars
 
 TAGS = {"train/loss", "train/error", "val/loss", "val/error", "weights/distance", "opt/lr", "opt/batch_size",
         "opt/noise_scale", "opt/grad_norm", "perf/images_per_sec"}
@@ -37,15 +37,15 @@ def test_default_run_end_to_end(tmp_path):
 
 
 def test_rerun_of_completed_run_does_not_train_again(tmp_path):
-    assert run_cli("max_steps=5", cwd=tmp_path).returncode == 0
-    p = run_cli("max_steps=5", cwd=tmp_path)
+    assert run_main("max_steps=5", cwd=tmp_path).returncode == 0
+    p = run_main("max_steps=5", cwd=tmp_path)
     assert p.returncode == 0 and "nothing to do" in (p.stdout + p.stderr)
 
 
 def test_batch_increase_logs_growing_batch(tmp_path):
     # digits recipe: LR x0.1 at epochs 2 and 3 of 4. Batch 16 -> 160 at epoch 2; 1600 would exceed the
     # 1536 training samples, so at epoch 3 the LR drops instead (hybrid).
-    p = run_cli("regime=batch_increase", "log_every=5", cwd=tmp_path)
+    p = run_main("regime=batch_increase", "log_every=5", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     run = next((tmp_path / "outputs" / "digits").iterdir())
     s = scalars(run)

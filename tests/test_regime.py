@@ -155,3 +155,89 @@ def test_epochs_override_scales_warmup_too():
     p = plan("batch=512", "regime=linear", "epochs=2")  # 5 of 200 epochs -> 0.05 epochs
     assert p.warmup_updates == round(0.05 * (N // 512))
     assert p.lr_at(p.warmup_updates) == pytest.approx(0.4)
+
+
+# ------------------------------------------------------------------------------------ schedule shapes
+def cosine(peak: float, t: int, total: int, warmup: int = 0, start: float = 0.1) -> float:
+    """Closed form: linear warm-up from `start`, then peak * (1 + cos(pi (t - w) / (T - w))) / 2."""
+    if t < warmup:
+        return start + (peak - start) * t / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (t - warmup) / (total - warmup)))
+
+
+@pytest.mark.parametrize("extra,peak,epochs", [
+    ((), 0.1, 200),
+    (("batch=512", "regime=adapt"), 0.2, 800),  # adapt stretches the shape: 4x the epochs, same updates
+    (("batch=1024", "regime=linear", "epochs=20"), 0.8, 20),  # linear scaling, warm-up 5 of 200 epochs -> 0.5
+])
+def test_cosine_matches_the_closed_form(extra, peak, epochs):
+    p = plan("base.schedule=cosine", *extra)
+    spe = N // p.batch_at(0)
+    total = round(epochs * spe)
+    assert p.total_updates == total
+    w = p.warmup_updates
+    assert w == (round(0.5 * spe) if "regime=linear" in extra else 0)
+    for t in (0, 1, w // 2, w, w + 1, (total + w) // 2, total - 1, total):
+        assert p.lr_at(t) == pytest.approx(cosine(peak, t, total, w)), t
+    assert p.lr_at(total) == pytest.approx(0.0, abs=1e-12)
+    s = p.summary()
+    assert s["schedule"] == "cosine" and s["lr_schedule"] == [[w, pytest.approx(peak)], [total, 0.0]]
+
+
+def test_linear_decay_matches_the_closed_form():
+    p = plan("base.schedule=linear", "batch=256", "regime=sqrt_lr")
+    total, peak = p.total_updates, 0.1 * math.sqrt(2)
+    for t in (0, 7, total // 3, total - 1):
+        assert p.lr_at(t) == pytest.approx(peak * (1 - t / total))
+
+
+def test_step_schedule_is_the_default_and_unchanged():
+    assert plan().schedule == "step" and plan().summary()["schedule"] == "step"
+    assert plan("base.schedule=step").lr_updates == plan().lr_updates
+
+
+def test_batch_increase_needs_a_step_schedule():
+    with pytest.raises(ConfigError, match="base.schedule='cosine': regime.batch_increase .* needs base.schedule=step"):
+        plan("regime=batch_increase", "base.schedule=cosine")
+
+
+# ------------------------------------------------------------------------------ Smith's momentum rule
+def g(p, update: int = 0) -> float:
+    """Smith et al.'s noise scale computed here, from the plan's LR, batch and momentum."""
+    return p.lr_at(update) * N / (p.batch_at(update) * (1 - p.momentum))
+
+
+@pytest.mark.parametrize("m,batch", [(0.95, 256), (0.975, 512), (0.8, 64)])
+def test_momentum_rule_scales_the_batch_keeping_g(m, batch):
+    base = plan()
+    p = plan(f"regime.momentum={m}")
+    assert p.momentum == m and p.batch_at(0) == batch and p.lr_at(0) == pytest.approx(0.1)
+    assert g(p) == pytest.approx(g(base)) == pytest.approx(p.summary()["base_noise_scale"])
+    assert p.summary()["noise_scale"] == pytest.approx(p.summary()["base_noise_scale"])
+
+
+def test_momentum_rule_with_linear_scaling_scales_the_lr():
+    p = plan("regime.momentum=0.95", "regime.lr_scaling=linear", "batch=1024")
+    assert p.batch_at(0) == 1024 and p.momentum == 0.95
+    assert p.lr_at(0) == pytest.approx(0.1 * 8 * 0.05 / 0.1)  # 8x the batch, half of 1 - m
+    assert g(p) == pytest.approx(g(plan()))
+
+
+def test_momentum_rule_refuses_what_cannot_keep_g():
+    with pytest.raises(ConfigError, match="regime.momentum=0.93: gives a fractional batch"):
+        plan("regime.momentum=0.93")
+    with pytest.raises(ConfigError, match="regime.lr_scaling='sqrt': with regime.momentum"):
+        plan("regime.momentum=0.95", "regime.lr_scaling=sqrt")
+    with pytest.raises(ConfigError, match="batch=512: is set by regime.momentum"):
+        plan("regime.momentum=0.95", "batch=512")
+
+
+# ---------------------------------------------------------------------------------- batch augmentation
+def test_duplicates_count_distinct_samples():
+    p = plan("duplicates=4", "batch=512")  # 128 distinct samples x 4 copies per step
+    assert p.epoch_steps[0] == N // 128 and p.total_updates == 200 * (N // 128)  # as many steps as B_S
+    assert p.lr_at(0) == pytest.approx(0.1)
+    assert p.noise_scale(0) == pytest.approx(0.1 * N / (128 * 0.1))  # g counts distinct samples
+    assert plan("duplicates=1").total_updates == plan().total_updates
+    with pytest.raises(ConfigError, match="duplicates=3: must divide the batch"):
+        plan("duplicates=3", "batch=512")

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import json
 import signal
 
 import pytest
 import torch
-from conftest import run_cli, scalars
+from conftest import make_cfg, only_run, run_cli, run_main, scalars
 
 from lbtrain.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_meta, save_checkpoint
+from lbtrain.trainer import Trainer
 
 # Deterministic CPU run of the default digits recipe (384 updates, 96 per epoch), checkpointing every 7
 # updates too, so a kill lands between checkpoints and mid-epoch.
@@ -47,7 +49,8 @@ def assert_same_as_reference(run, reference):
         assert mine[tag] == series[tag], tag
 
 
-@pytest.mark.parametrize("kill_at", [40, 96, 250])  # mid-epoch, an epoch end, late mid-epoch
+@pytest.mark.parametrize("kill_at", [40, pytest.param(96, marks=pytest.mark.slow),
+                                     pytest.param(250, marks=pytest.mark.slow)])  # mid-epoch, an epoch end, later
 def test_sigkill_then_resume_is_bit_exact(tmp_path, reference, kill_at):
     p = run_cli(*ARGS, cwd=tmp_path, env={"LBTRAIN_TEST_SIGNAL": f"SIGKILL@{kill_at}"})
     assert p.returncode == -signal.SIGKILL
@@ -73,46 +76,90 @@ def test_sigterm_checkpoints_and_resumes(tmp_path, reference):
     assert_same_as_reference(run, reference)
 
 
+def _flip(data: bytes, at: int) -> bytes:
+    out = bytearray(data)
+    out[at] ^= 0x01  # one bit: the smallest corruption a disk or a copy can make
+    return bytes(out)
+
+
+def _corruptions(data: bytes, tensor: torch.Tensor) -> dict[str, bytes]:
+    """A checkpoint file's bytes, damaged in each part of the v2 format: header line, JSON metadata, the zip's own
+    records, the raw tensor bytes, and truncated."""
+    header_end = data.index(b"\n") + 1
+    digest_at = len(b"LBTRAIN-CKPT-2 ")
+    n_meta = int(data[:header_end].split()[-1])
+    raw = tensor.numpy().tobytes()
+    tensor_at = data.find(raw)
+    assert tensor_at > header_end + n_meta and data.find(raw, tensor_at + 1) == -1  # stored raw, once
+    return {
+        "digest in the header": _flip(data, digest_at + 10),
+        "metadata": _flip(data, header_end + n_meta // 2),
+        "tensor data": _flip(data, tensor_at + len(raw) // 2),
+        "last tensor byte": _flip(data, tensor_at + len(raw) - 1),
+        "zip records": _flip(data, len(data) - 100),
+        "truncated to half": data[: len(data) // 2],
+        "last byte missing": data[:-1],
+        "payload missing": data[: header_end + n_meta],
+    }
+
+
+def _refusal(path) -> str:
+    """load_checkpoint's error message, or LOADED."""
+    try:
+        load_checkpoint(path)
+    except CheckpointError as e:
+        return str(e)
+    return "LOADED"
+
+
 def test_corrupt_checkpoint_is_reported_not_loaded(tmp_path):
+    """A byte flipped anywhere, including inside the tensor data (which torch.load alone reads back silently), or a
+    truncated file, is reported as corrupt by the checksum and never loaded."""
     path = tmp_path / "checkpoint.pt"
-    save_checkpoint(path, {"w": torch.arange(1000.0)})
-    assert torch.equal(load_checkpoint(path)["w"], torch.arange(1000.0))
-    data = bytearray(path.read_bytes())
-    data[-100] ^= 0xFF
-    path.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="corrupt"):
-        load_checkpoint(path)
-    path.write_bytes(bytes(data[: len(data) // 2]))
-    with pytest.raises(CheckpointError, match="truncated"):
-        load_checkpoint(path)
+    w = torch.arange(1000.0)
+    save_checkpoint(path, {"model": {"w": w}, "step": 7}, meta={"identity": {"seed": 0}, "step": 7})
+    assert torch.equal(load_checkpoint(path)["model"]["w"], w)
+    data = path.read_bytes()
+    header_end = data.index(b"\n") + 1
+    payload_at = header_end + int(data[:header_end].split()[-1])
+    for what, bad in _corruptions(data, w).items():
+        if what == "tensor data":  # without the checksum this would load, with one wrong weight
+            state = torch.load(io.BytesIO(bad[payload_at:]), weights_only=False)
+            assert not torch.equal(state["model"]["w"], w) and state["step"] == 7
+        path.write_bytes(bad)
+        assert "truncated or corrupt" in _refusal(path), what
     path.write_bytes(b"garbage")
-    with pytest.raises(CheckpointError, match="not an lbtrain checkpoint"):
-        load_checkpoint(path)
+    assert "not an lbtrain checkpoint" in _refusal(path)
+    # the header's length field (where the metadata ends) is outside the checksum: a damaged one must not load
+    n = payload_at - header_end
+    for other in (n - 1, n + 1):
+        path.write_bytes(data[:header_end].replace(b" %d\n" % n, b" %d\n" % other) + data[header_end:])
+        assert _refusal(path) != "LOADED", other
 
 
 def test_truncated_run_checkpoint_through_cli(tmp_path):
-    p = run_cli("max_steps=20", "checkpoint.every_steps=5", cwd=tmp_path, env={"LBTRAIN_TEST_SIGNAL": "SIGKILL@12"})
-    assert p.returncode == -signal.SIGKILL
+    p = run_main("max_steps=20", "checkpoint.every_steps=5", cwd=tmp_path, env={"LBTRAIN_TEST_SIGNAL": "SIGTERM@12"})
+    assert p.returncode == 128 + signal.SIGTERM
     ckpt = next(tmp_path.rglob("checkpoint.pt"))
     ckpt.write_bytes(ckpt.read_bytes()[:-10])
-    p = run_cli("max_steps=20", "checkpoint.every_steps=5", cwd=tmp_path)
+    p = run_main("max_steps=20", "checkpoint.every_steps=5", cwd=tmp_path)
     assert p.returncode == 2
     assert p.stderr.strip().count("\n") == 0 and "truncated or corrupt" in p.stderr
     assert "Traceback" not in p.stderr
 
 
 def test_checkpoint_from_another_run_is_refused(tmp_path):
-    assert run_cli("max_steps=3", cwd=tmp_path).returncode == 0
+    assert run_main("max_steps=3", cwd=tmp_path).returncode == 0
     ckpt = next(tmp_path.rglob("checkpoint.pt"))
-    p = run_cli("max_steps=3", "seed=1", f"resume={ckpt}", cwd=tmp_path)
+    p = run_main("max_steps=3", "seed=1", f"resume={ckpt}", cwd=tmp_path)
     assert p.returncode == 2 and "quote values" in p.stderr  # the run folder's name holds '='
-    p = run_cli("max_steps=3", "seed=1", f"resume='{ckpt}'", cwd=tmp_path)
+    p = run_main("max_steps=3", "seed=1", f"resume='{ckpt}'", cwd=tmp_path)
     assert p.returncode == 2
     assert "checkpoint belongs to another run: seed: 0 (checkpoint) vs 1 (this run)" in p.stderr
 
 
 def test_divergence_is_recorded_and_sweep_goes_on(tmp_path):
-    p = run_cli("-m", "base.lr=0.1,1e5", "base.grad_clip=null", "epochs=1", cwd=tmp_path)
+    p = run_main("-m", "base.lr=0.1,1e5", "base.grad_clip=null", "epochs=1", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     res = {r.parent.name: json.loads(r.read_text()) for r in tmp_path.rglob("results.json")}
     assert res["base.grad_clip=null,base.lr=100000.0,epochs=1.0"]["status"] == "diverged"
@@ -124,7 +171,7 @@ def test_divergence_is_recorded_and_sweep_goes_on(tmp_path):
 
 def test_failed_job_is_recorded_and_others_complete(tmp_path):
     # batch 24 is not divisible by the ghost batch 16: that job fails, the other completes
-    p = run_cli("-m", "regime=gbn", "ghost_batch=16", "batch=16,24", "max_steps=5", cwd=tmp_path)
+    p = run_main("-m", "regime=gbn", "ghost_batch=16", "batch=16,24", "max_steps=5", cwd=tmp_path)
     assert p.returncode == 1
     assert "some jobs of the multirun failed" in p.stderr
     res = {r.parent.name: json.loads(r.read_text()) for r in tmp_path.rglob("results.json")}
@@ -171,3 +218,40 @@ def test_sigusr2_checkpoints_then_hands_over_to_the_launcher(tmp_path, monkeypat
     assert calls == [signal.SIGUSR2]
     assert read_checkpoint_meta(tmp_path / "checkpoint.pt")["step"] == 5
     assert json.loads((tmp_path / "results.json").read_text())["status"] == "interrupted"
+
+
+# C1 (dropout 0.5: random draws from torch's global generator at every update) with augmentation on synthetic
+# CIFAR-shaped data: 256 samples, batch 32 = 8 updates per epoch, 3 epochs; checkpoints every 5 updates and at
+# epoch ends, so update 13 (mid-epoch 2) lies between the checkpoints at 10 and 15.
+C1_ARGS = ("experiment=c1_cifar10", "dataset=synthetic", "dataset.shape=[3,16,16]", "dataset.train_size=256",
+           "dataset.val_size=64", "dataset.augment=true", "model.kwargs.channels=16", "base.batch=32", "epochs=3",
+           "device=cpu", "deterministic=true", "checkpoint.every_steps=5", "log_every=4", "threads=1")
+
+
+def test_resume_with_dropout_and_augmentation_is_bit_exact(tmp_path):
+    """Resume restores the global RNG: a model that draws random numbers while training (dropout) resumes to the
+    weights of an uninterrupted run, bit for bit (the digits MLP draws none, so it cannot tell)."""
+    reference = tmp_path / "reference"  # uninterrupted, in this process (the same code path as the CLI's)
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:
+        trainer = Trainer(make_cfg(*C1_ARGS, "progress=false"), reference)
+        trainer.setup()
+        assert trainer.fit()["updates"] == 24
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    p = run_cli(*C1_ARGS, cwd=killed, env={"LBTRAIN_TEST_SIGNAL": "SIGKILL@13"})
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    run = only_run(killed / "outputs" / "c1_cifar10")
+    assert read_checkpoint_meta(run / "checkpoint.pt")["step"] == 10  # mid-epoch, between checkpoints
+    p = run_cli(*C1_ARGS, cwd=killed)
+    assert p.returncode == 0, p.stderr
+    assert "resuming" in p.stdout + p.stderr
+    assert json.loads((run / "results.json").read_text())["updates"] == 24
+    mine, theirs = load_checkpoint(run / "checkpoint.pt"), load_checkpoint(reference / "checkpoint.pt")
+    assert mine["model"].keys() == theirs["model"].keys()
+    for k in theirs["model"]:
+        assert torch.equal(mine["model"][k], theirs["model"][k]), k
+    assert tb_series(run) == tb_series(reference)

@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import ROOT, make_cfg, run_cli
+from conftest import ROOT, make_cfg, run_cli, run_main
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lbtrain import report
 
 
 def test_two_batches_by_two_regimes(tmp_path):
-    p = run_cli("-m", "batch=16,32", "regime=baseline,adapt", "epochs=0.5", cwd=tmp_path)
+    p = run_main("-m", "batch=16,32", "regime=baseline,adapt", "epochs=0.5", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     root = tmp_path / "outputs" / "digits"
     runs = sorted(d.name for d in root.iterdir() if d.is_dir())
