@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from lbtrain.ghost_bn import restore_deferred, snapshot_deferred
+from lbtrain.ghost_bn import restore_deferred, set_ghost_batch, snapshot_deferred
 from lbtrain.instruments.gns import GradientNoiseScale, sq_norm
 from lbtrain.instruments.hessian import hutchinson_trace, top_eigenvalue
 
@@ -119,7 +119,12 @@ class GNSProbe:
         d = next((k for k in range(2, ghosts + 1) if ghosts % k == 0), None)
         if d is not None:
             return self._grad_sq(x[0::d], y[0::d]), big_real, float(n // d), b_big
-        ga, gb = self._grads_of(x[0::2], y[0::2]), self._grads_of(x[1::2], y[1::2])
+        plain = set_ghost_batch(t.net, None) if t.plan.ghost_batch else 0  # one ghost batch = plain BN
+        try:
+            ga, gb = self._grads_of(x[0::2], y[0::2]), self._grads_of(x[1::2], y[1::2])
+        finally:
+            if plain:
+                set_ghost_batch(t.net, t.plan.ghost_batch)
         small = (sq_norm(ga) + sq_norm(gb)) / 2
         big = sq_norm([(a + b) / 2 for a, b in zip(ga, gb)])
         return small, big, float(n // 2), float(n)
