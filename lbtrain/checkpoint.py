@@ -27,12 +27,16 @@ _MAGIC2 = b"LBTRAIN-CKPT-2 "
 
 
 def _umask() -> int:
+    """The process's umask, read without changing it where the OS says it (Linux), else by setting it back."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-_FILE_MODE = 0o666 & ~_umask()  # what open() would give: mkstemp alone makes every file 0600
 
 
 class CheckpointError(RuntimeError):
@@ -48,7 +52,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except OSError as e:
         raise OSError(e.errno, e.strerror, str(path)) from None
     try:
-        os.fchmod(fd, _FILE_MODE)
+        os.fchmod(fd, 0o666 & ~_umask())  # what open() would give: mkstemp alone makes every file 0600
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -276,12 +276,13 @@ def validate(cfg: Any, world_size: int = 1) -> None:
     _positive("diverge_loss", cfg.diverge_loss)
     _validate_dataset(cfg.dataset)
     _positive_int("duplicates", cfg.duplicates)
-    _positive("eval_per_decade", cfg.eval_per_decade, allow_zero=True)
     s = cfg.sharpness
-    _positive("sharpness.every_epochs", s.every_epochs, allow_zero=True)
+    for key, value in (("eval_per_decade", cfg.eval_per_decade), ("sharpness.every_epochs", s.every_epochs),
+                       ("sharpness.trace_samples", s.trace_samples)):
+        if not isinstance(value, int) or value < 0:
+            raise ConfigError(key, value, "must be an integer >= 0 (0: off)")
     for key in ("samples", "iters"):
         _positive_int(f"sharpness.{key}", s[key])
-    _positive("sharpness.trace_samples", s.trace_samples, allow_zero=True)
     if cfg.regime.momentum is not None and not 0 <= cfg.regime.momentum < 1:
         raise ConfigError("regime.momentum", cfg.regime.momentum, "must be in [0, 1)")
 

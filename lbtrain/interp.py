@@ -66,6 +66,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+import lbtrain
+
 PROG = "lbtrain-interp"
 DEFAULT_ALPHAS = "-1:2:31"
 MAX_ALPHAS = 10001
@@ -439,9 +441,11 @@ def make_figure(points: Sequence[Point], label_a: str, label_b: str, subtitle: s
     return fig
 
 
-def write_outputs(points: Sequence[Point], out: Path, label_a: str, label_b: str, subtitle: str = "") -> list[Path]:
-    """interp.csv and interp.png into `out` (created if missing), each written atomically."""
-    from lbtrain.checkpoint import atomic_write_bytes
+def write_outputs(points: Sequence[Point], out: Path, label_a: str, label_b: str, subtitle: str = "",
+                  record: dict[str, Any] | None = None) -> list[Path]:
+    """interp.csv and interp.png into `out` (created if missing), each written atomically; with `record`, also
+    interp.json (which runs, which identities, which options: where the numbers came from)."""
+    from lbtrain.checkpoint import atomic_write_bytes, atomic_write_json
 
     fig = make_figure(points, label_a, label_b, subtitle)
     buf = io.BytesIO()
@@ -450,7 +454,10 @@ def write_outputs(points: Sequence[Point], out: Path, label_a: str, label_b: str
     csv_path, png_path = out / "interp.csv", out / "interp.png"
     atomic_write_bytes(csv_path, csv_text(points).encode())
     atomic_write_bytes(png_path, buf.getvalue())
-    return [csv_path, png_path]
+    if record is None:
+        return [csv_path, png_path]
+    atomic_write_json(out / "interp.json", {**record, "points": [vars(p) for p in points]})
+    return [csv_path, png_path, out / "interp.json"]
 
 
 # --------------------------------------------------------------------------------------------------- cli
@@ -600,7 +607,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: interrupted; nothing written", file=sys.stderr)
         return 130
     try:
-        files = write_outputs(points, out, str(a.path), str(b.path), bn_line)
+        from lbtrain.identity import identity_hash
+
+        record = {"run_a": str(a.path), "run_b": str(b.path), "identity_a": identity_hash(a.identity),
+                  "identity_b": identity_hash(b.identity), "alphas": list(alphas), "bn_recompute": args.bn_recompute,
+                  "bn_batches": setup.bn_count, "bn_batch": setup.bn_batch, "train_samples": setup.train_samples,
+                  "device": str(device), "version": lbtrain.__version__}
+        files = write_outputs(points, out, str(a.path), str(b.path), bn_line, record)
     except OSError as e:
         print(f"{PROG}: error: cannot write {e.filename or out}: {e.strerror}", file=sys.stderr)
         return 2

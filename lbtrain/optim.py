@@ -127,7 +127,26 @@ def _check_hparams(lr: float, weight_decay: float, eps: float) -> None:
         raise ValueError(f"invalid eps: {eps}")
 
 
-class LARS(torch.optim.Optimizer):
+class _Layerwise(torch.optim.Optimizer):
+    """The shared `step`: each group's parameters that have a gradient, by device and dtype, to `_update`."""
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = _with_grads(group, type(self).__name__)
+            for idx in _by_device_and_dtype(params):
+                self._update([params[i] for i in idx], group)
+        return loss
+
+    def _update(self, params: list[Tensor], group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+
+class LARS(_Layerwise):
     """LARS: momentum SGD with a layer-wise learning rate (update rule in the module docstring).
 
     Group keys: `lr`, `momentum`, `weight_decay`, `nesterov`, `trust_coefficient`, `eps`, `trust` (apply the
@@ -148,18 +167,6 @@ class LARS(torch.optim.Optimizer):
                         nesterov=bool(nesterov), trust_coefficient=float(trust_coefficient), eps=float(eps),
                         trust=bool(trust))
         super().__init__(params, defaults)
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params = _with_grads(group, "LARS")
-            for idx in _by_device_and_dtype(params):
-                self._update([params[i] for i in idx], group)
-        return loss
 
     def _update(self, params: list[Tensor], group: dict[str, Any]) -> None:
         lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
@@ -189,7 +196,7 @@ class LARS(torch.optim.Optimizer):
         torch._foreach_add_(params, update, alpha=-lr)
 
 
-class LAMB(torch.optim.Optimizer):
+class LAMB(_Layerwise):
     """LAMB: Adam direction plus L2 weight decay, scaled by a layer-wise trust ratio (rule in the module docstring).
 
     Group keys: `lr`, `betas`, `eps`, `weight_decay`, `trust`. State per parameter: `step` (int), `exp_avg`,
@@ -205,18 +212,6 @@ class LAMB(torch.optim.Optimizer):
         defaults = dict(lr=float(lr), betas=(float(b1), float(b2)), eps=float(eps), weight_decay=float(weight_decay),
                         trust=bool(trust))
         super().__init__(params, defaults)
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params = _with_grads(group, "LAMB")
-            for idx in _by_device_and_dtype(params):
-                self._update([params[i] for i in idx], group)
-        return loss
 
     def _update(self, params: list[Tensor], group: dict[str, Any]) -> None:
         lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]

@@ -122,6 +122,8 @@ def preflight(cfg: Any, world: int = 1, *, train_size: int | None = None, num_cl
     if cfg.dataset.cutout > min(shape[1], shape[2]):
         raise ConfigError("dataset.cutout", cfg.dataset.cutout, f"must be at most the image side ({min(shape[1:])})")
     plan = make_plan(cfg, size, world)
+    if cfg.sharpness.every_epochs and cfg.sharpness.samples > size:
+        raise ConfigError("sharpness.samples", cfg.sharpness.samples, f"must be at most the {size} training samples")
     pick_device(str(cfg.device), local_rank)
 
     model_cfg = json.dumps(OmegaConf.to_container(cfg.model, resolve=True) if OmegaConf.is_config(cfg.model)

@@ -258,6 +258,8 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------- set-up
     def setup(self) -> None:
+        """Build the run (or restore it from its checkpoint). Sets process-wide torch state as a run needs it: the
+        seed, deterministic algorithms (`deterministic=`), cuDNN autotuning and the thread count (`threads=`)."""
         cfg, dev = self.cfg, self.device
         self.dist = distributed.init(dev)
         set_threads(cfg.threads)

@@ -90,6 +90,11 @@ from lbtrain.ghost_bn import convert_to_ghost_bn  # noqa: E402
 from lbtrain.models import build_model  # noqa: E402
 
 PATHS = ("limit", "lbtrain", "reference")
+# Opt-in (--paths ... instrumented): lbtrain's loop with the per-step instruments on (the gradient noise scale at
+# log steps, per-layer distances): their overhead is instrumented / lbtrain. Sharpness runs at epoch ends only
+# and reports its own cost (Hessian-vector products, seconds) in results.json.
+INSTRUMENTS = ("gns=true", "layer_distance=true")
+ALL_PATHS = (*PATHS, "instrumented")
 MOMENTUM, WEIGHT_DECAY, LR = 0.9, 1e-4, 0.1
 
 
@@ -455,21 +460,22 @@ def format_table(res: dict[str, Any]) -> str:
         f"device {m['device']} ({m['device_name']}), {m['threads']} torch threads, torch {m['torch']}, "
         f"flags: bf16={m['bf16']} channels_last={m['channels_last']} compile={m['compile']}"
         + (" [--quick]" if m["quick"] else ""),
-        f"{'workload':<18}{'path':<11}{'batch':>6}{'steps':>6}{'images/s':>11}{'ms/step':>10}"
+        f"{'workload':<18}{'path':<13}{'batch':>6}{'steps':>6}{'images/s':>11}{'ms/step':>10}"
         f"{'median ms':>11}  ratio",
     ]
     for r in res["rows"]:
-        ratio = ""
         rat = res["ratios"].get(r["workload"], {})
+        parts = []
         if r["path"] == "lbtrain":
-            parts = []
             if "lbtrain_over_limit" in rat:
                 parts.append(f"(2)/(1) = {rat['lbtrain_over_limit']:.2f}")
             if "lbtrain_over_reference" in rat:
                 parts.append(f"(2)/(3) = {rat['lbtrain_over_reference']:.2f}")
-            ratio = ", ".join(parts)
+        elif r["path"] == "instrumented" and "instrumented_over_lbtrain" in rat:
+            parts.append(f"instrumented/(2) = {rat['instrumented_over_lbtrain']:.3f}")
+        ratio = ", ".join(parts)
         med = f"{r['step_ms_median']:>11.1f}" if "step_ms_median" in r else f"{'-':>11}"
-        lines.append(f"{r['workload']:<18}{r['path']:<11}{r['batch']:>6}{r['steps']:>6}"
+        lines.append(f"{r['workload']:<18}{r['path']:<13}{r['batch']:>6}{r['steps']:>6}"
                      f"{r['images_per_sec']:>11.1f}{r['step_ms_mean']:>10.1f}{med}  {ratio}".rstrip())
     for name, mem in res["memory"].items():
         resident = ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in mem["dataset_resident_bytes"].items())
@@ -491,7 +497,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--workloads", nargs="+", default=None,
                    help=f"any of {', '.join(WORKLOADS)} (default: {' '.join(DEFAULT_WORKLOADS)}); commas work too")
-    p.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS, help="which paths to run")
+    p.add_argument("--paths", nargs="+", default=list(PATHS), choices=ALL_PATHS,
+                   help="which paths to run (instrumented: lbtrain with the per-step instruments on)")
     p.add_argument("--steps", type=int, default=None,
                    help="timed updates per path (default per workload: CPU f1 10 / resnet44 3, CUDA 200)")
     p.add_argument("--warmup", type=int, default=None, help="untimed updates first (default CPU 2 / 1, CUDA 50)")
@@ -582,7 +589,7 @@ def _run(args: argparse.Namespace, device: torch.device, plans: list[tuple[Workl
             opt = Options(device, warmup, steps, workers, args.bf16, args.channels_last, args.compile,
                           tuple(args.lbtrain_override))
             data = make_synthetic(wl.shape, wl.num_classes, wl.train_size, 256)  # = lbtrain's synthetic set
-            runs: dict[str, list[dict[str, Any]]] = {path: [] for path in PATHS if path in args.paths}
+            runs: dict[str, list[dict[str, Any]]] = {path: [] for path in ALL_PATHS if path in args.paths}
             for rep in range(args.repeat):
                 for path in runs:
                     which = f", run {rep + 1}/{args.repeat}" if args.repeat > 1 else ""
@@ -593,6 +600,9 @@ def _run(args: argparse.Namespace, device: torch.device, plans: list[tuple[Workl
                         row = run_limit(wl, data, opt)
                     elif path == "lbtrain":
                         row = run_lbtrain(wl, opt, Path(tmp) / f"{wname}-{rep}")  # a fresh run, never a resume
+                    elif path == "instrumented":
+                        row = run_lbtrain(wl, replace(opt, lbtrain_overrides=(*opt.lbtrain_overrides, *INSTRUMENTS)),
+                                          Path(tmp) / f"{wname}-instrumented-{rep}")
                     else:
                         row = run_reference(wl, data, opt)
                     runs[path].append({"workload": wname, "path": path, **row, "loadavg_before": load})
@@ -613,6 +623,8 @@ def _run(args: argparse.Namespace, device: torch.device, plans: list[tuple[Workl
                         if "step_ms_median" in rows[other]:  # CPU: the same from median update times
                             ratios[f"lbtrain_over_{other}_median"] = (rows[other]["step_ms_median"]
                                                                      / rows["lbtrain"]["step_ms_median"])
+                if "instrumented" in rows:  # < 1: the instruments' cost per update, log steps included
+                    ratios["instrumented_over_lbtrain"] = rows["instrumented"]["images_per_sec"] / speed
                 lb = rows["lbtrain"]
                 mem = {key: lb[key] for key in ("dataset_resident_bytes", "dataset_unviewed_bytes",
                                                 "dataset_float32_copy_bytes")}

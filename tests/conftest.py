@@ -105,6 +105,18 @@ def cfg_factory():
     return make_cfg
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module (`pytestmark = pytest.mark.usefixtures("one_thread")`): tiny tensors gain
+    nothing from intra-op threads, and on a small machine shared with other jobs 2-thread OpenMP regions stall."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ------------------------------------------------------------------------------- datasets in real formats
 def write_idx(raw: Path, prefix: str, images: np.ndarray, labels: np.ndarray) -> None:
     """MNIST idx files: big-endian magic (2051 images / 2049 labels) and dims, then uint8 payload."""

@@ -43,6 +43,10 @@ BAD_INPUTS = [
     (["duplicates=3"], "duplicates=3: must divide the batch (16)"),
     (["dataset.cutout=9"], "dataset.cutout=9: must be at most the image side (8)"),
     (["regime.momentum=1.5"], "regime.momentum=1.5: must be in [0, 1)"),
+    # instruments
+    (["sharpness.every_epochs=-1"], "sharpness.every_epochs=-1: must be an integer >= 0"),
+    (["sharpness.every_epochs=1", "sharpness.samples=5000"], "sharpness.samples=5000: must be at most the 1536"),
+    (["eval_per_decade=-2"], "eval_per_decade=-2: must be an integer >= 0"),
 ]
 
 

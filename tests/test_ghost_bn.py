@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ROOT
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # lbtrain may not be pip-installed in the test environment
-    sys.path.insert(0, str(ROOT))
-
-from lbtrain.ghost_bn import (  # noqa: E402
+from lbtrain.ghost_bn import (
     GhostBatchNorm,
     GhostBatchNorm1d,
     GhostBatchNorm2d,
@@ -24,6 +19,8 @@ from lbtrain.ghost_bn import (  # noqa: E402
     defer_running_stats,
     set_ghost_batch,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 BATCH = 32
 C = 5
@@ -36,13 +33,6 @@ LAYOUTS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add OpenMP overhead (large on a busy 2-core box)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _input(shape: tuple[int, ...], channels_last: bool, seed: int, dtype=torch.float64) -> torch.Tensor:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,21 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # lbtrain may not be pip-installed in the test environment
-    sys.path.insert(0, str(ROOT))
+from lbtrain.instruments.gns import GradientNoiseScale, gns_estimates, sq_norm
 
-from lbtrain.instruments.gns import GradientNoiseScale, gns_estimates, sq_norm  # noqa: E402
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def t64(x: float) -> torch.Tensor:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,22 +10,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # lbtrain may not be pip-installed in the test environment
-    sys.path.insert(0, str(ROOT))
+from lbtrain.instruments.hessian import hutchinson_trace, hvp, hvp_batches, top_eigenvalue
 
-from lbtrain.instruments.hessian import hutchinson_trace, hvp, hvp_batches, top_eigenvalue  # noqa: E402
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 D = 30
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def quadratic(eigs: list[float], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, object]:

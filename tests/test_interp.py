@@ -23,13 +23,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 RECOMPUTE_LOSS_TOL, RECOMPUTE_ERROR_TOL = 0.05, 0.03
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: on a shared machine, intra-op threads mostly wait for each other (seconds per test)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads mostly wait for each other
 
 
 def _train(root: Path, name: str, *overrides: str) -> Path:
@@ -100,6 +94,9 @@ def test_endpoints_with_bn_recompute_are_close_and_csv_png_and_table_are_written
         assert abs(at[alpha]["val_loss"] - res["final_val_loss"]) < RECOMPUTE_LOSS_TOL
         assert abs(at[alpha]["val_error"] - res["final_val_error"]) < RECOMPUTE_ERROR_TOL
     assert (out / "interp.png").read_bytes()[:8] == PNG_MAGIC
+    record = json.loads((out / "interp.json").read_text())  # where the numbers came from
+    assert record["run_a"] == str(a) and record["identity_a"] and record["bn_recompute"] is True
+    assert [p["alpha"] for p in record["points"]] == [r["alpha"] for r in rows]
     assert "recomputed at every alpha on 6 fixed training batches of 256" in stdout
     assert "train_loss" in stdout and str(out / "interp.csv") in stdout
     assert not list(out.glob(".*.tmp"))

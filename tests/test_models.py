@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from torch import nn
 
 from lbtrain.models import MODEL_NAMES, build_model, count_parameters
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CIFAR = (3, 32, 32)
 MNIST = (1, 28, 28)
 
 
-@pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    # tiny batches gain nothing from intra-op threads, and on a busy 2-core box they thrash (3x slower)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _f1_param_count(in_features: int = 784, hidden: int = 512, depth: int = 5, classes: int = 10) -> int:

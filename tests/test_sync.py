@@ -25,6 +25,8 @@ from conftest import make_cfg
 from lbtrain.data import DeviceLoader
 from lbtrain.trainer import Trainer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SYNC_METHODS = ("item", "cpu", "tolist", "numpy", "__float__", "__bool__", "__int__", "__index__")
 CUDA = torch.cuda.is_available()
 
@@ -146,13 +148,6 @@ def sync_points(trainer: Trainer, target: int) -> tuple[set[int], set[int], set[
     return logs, dist, ends
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Counts, not timings: one thread keeps these runs fast on a small machine shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 DIGITS_GBN = ("experiment=digits", "regime=gbn", "batch=64", "ghost_batch=16", "log_every=7", "max_steps=60")
