@@ -330,7 +330,9 @@ def table1(runs: Sequence[Run]) -> list[dict[str, Any]]:
         rows = [(bl, by_batch[bl]) for bl in sorted(by_batch) if bl > bs]
         # Hoffer et al.'s regimes at r = 1 are the small-batch recipe itself: only other ones (e.g. Smith et al.'s
         # batch increase, which starts at B_S) get a row of their own at B_S.
-        extra = {k: rs for k, rs in small.items() if k != sb_key and rs[0].regime not in REGIME_LABELS}
+        same = {curve_key(r) for r in small.get(sb_key, [])} if sb_key else set()
+        extra = {k: rs for k, rs in small.items() if k != sb_key and rs[0].regime not in REGIME_LABELS
+                 and {curve_key(r) for r in rs} != same}  # (e.g. linear at r = 1 trains B_S's recipe itself)
         if extra:
             rows.insert(0, (bs, extra))
         ident = _without(members[0].identity, ("seed", "batch", "regime", *_SHOWN))
@@ -464,7 +466,10 @@ def curve_key(run: Run) -> str:
     """Runs with equal keys train the same thing step for step, whatever their regime is called (e.g. the four
     Table-1 regimes at r = 1: same LR, epochs and BatchNorm batch): their curves coincide by construction."""
     eff = run.results.effective
-    plan = {k: eff.get(k) for k in ("lr_schedule", "batch_schedule", "updates", "warmup_updates", "epochs")}
+    plan = {k: eff.get(k) for k in ("lr_schedule", "batch_schedule", "updates", "warmup_updates", "epochs",
+                                    "schedule", "momentum", "duplicates")}
+    if eff.get("lr") is not None and eff.get("lr") == run.identity.get("base.lr", eff.get("lr")):
+        plan.pop("warmup_updates")  # a warm-up from base.lr to base.lr changes nothing (e.g. linear at r = 1)
     return _key(run.identity, ("seed", "regime")) + json.dumps([plan, run.results.bn_batch], default=str)
 
 

@@ -76,8 +76,12 @@ def crossing(run: Run, target: float) -> dict[str, Any] | None:
 
 
 def _b_simple_at(run: Run, step: int) -> float | None:
-    points = [(s, v) for s, v in run.scalars("gns/b_simple") if s <= step and math.isfinite(v)]
-    return points[-1][1] if points else None
+    """The run's B_simple measurement nearest to `step` on a log scale (it is measured at log steps only, and
+    changes slowly in log t); None when the run did not measure it."""
+    points = [(s, v) for s, v in run.scalars("gns/b_simple") if s >= 1 and math.isfinite(v)]
+    if not points:
+        return None
+    return min(points, key=lambda p: abs(math.log(p[0]) - math.log(max(step, 1))))[1]
 
 
 def _eligible(runs: Sequence[Run]) -> list[Run]:
