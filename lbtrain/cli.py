@@ -220,8 +220,8 @@ def _job(cfg: DictConfig, run_dir: Path, multirun: bool) -> dict[str, Any]:
         try:
             checked = preflight(cfg, world.world, local_rank=world.local_rank)
             # (a single run's checkpoint was verified before its folder was touched; a sweep job's is here)
-            check_folder(run_dir, checked.identity, schema_defaults(), cfg.resume, check_lock=False,
-                         verify=multirun)
+            folder = check_folder(run_dir, checked.identity, schema_defaults(), cfg.resume, check_lock=False,
+                                  verify=multirun)
         except (ConfigError, DatasetNotFoundError) as e:
             if multirun and world.main:
                 _record_failure(cfg, run_dir, e)
@@ -229,7 +229,8 @@ def _job(cfg: DictConfig, run_dir: Path, multirun: bool) -> dict[str, Any]:
         if world.main:
             for tmp in remove_stale_temporaries(run_dir):
                 log.info("removed %s, left by a process killed while writing it", tmp.name)
-            _save_hydra_files(cfg, run_dir)
+            if not folder.final:  # a completed run's record stays as it was
+                _save_hydra_files(cfg, run_dir)
             handler = logging.FileHandler(run_dir / "lbtrain.log")
             handler.setFormatter(logging.Formatter(LOG_FORMAT))
             logging.getLogger().addHandler(handler)

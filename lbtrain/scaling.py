@@ -121,7 +121,9 @@ def steps_to_target(runs: Sequence[Run], target: float) -> list[dict[str, Any]]:
 
 def knee(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per experiment and regime: S_min and B_crit of S(B) = S_min (1 + B_crit / B) fitted by least squares to the
-    mean updates-to-target (the configurations where every seed reached it), beside the measured B_simple."""
+    mean updates-to-target (the configurations where every seed reached it), beside the measured B_simple (the
+    median over the configurations of their mean B_simple at the crossing). A fitted B_crit more than 4x outside
+    the measured batches is no knee (the points are on the perfect-scaling line): left empty."""
     by: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for r in rows:
         by.setdefault((r["experiment"], r["dataset"], r["regime"]), []).append(r)
@@ -130,10 +132,14 @@ def knee(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         pts = [(r["batch"], r["update_mean"]) for r in rs if r["update_mean"] is not None
                and r["reached"].split(" of ")[0] == r["reached"].split(" of ")[1]]
         fit = _fit_knee(pts)
+        batches = [b for b, _ in pts]
+        if fit and not min(batches) / 4 <= fit[1] <= 4 * max(batches):
+            fit = None  # the curve is straight (perfect scaling) over the measured batches: no knee to read off
         bs = [r["b_simple_at_target"] for r in rs if r["b_simple_at_target"] is not None]
         out.append({"experiment": experiment, "dataset": dataset, "regime": regime, "batches": len(pts),
                     "S_min": fit[0] if fit else None, "B_crit": fit[1] if fit else None,
-                    "B_simple_at_target": statistics.fmean(bs) if bs else None})
+                    # the median over batches: single large-batch estimates are noisy (|G|^2 is small there)
+                    "B_simple_at_target": statistics.median(bs) if bs else None})
     return sorted(out, key=lambda r: (r["experiment"], r["dataset"], regime_rank(r["regime"])))
 
 
@@ -191,6 +197,7 @@ def steps_figure(rows: Sequence[dict[str, Any]], knees: Sequence[dict[str, Any]]
     fig, ax = _figure()
     colors = colormaps["tab10"]
     regimes = sorted({r["regime"] for r in rows}, key=regime_rank)
+    top = max((r["update_mean"] for r in rows if r["update_mean"] is not None), default=1.0)
     for i, regime in enumerate(regimes):
         pts = sorted((r["batch"], r["update_mean"], r["update"]) for r in rows
                      if r["regime"] == regime and r["update_mean"] is not None)
@@ -202,8 +209,9 @@ def steps_figure(rows: Sequence[dict[str, Any]], knees: Sequence[dict[str, Any]]
         ax.errorbar(b, s, yerr=err, marker="o", color=colors(i % 10), label=f"{regime}", capsize=3)
         missing = [r["batch"] for r in rows if r["regime"] == regime and r["update_mean"] is None]
         if missing:
-            ax.plot(missing, [s.max() * 1.5] * len(missing), marker="^", linestyle="none", color=colors(i % 10),
-                    label=f"{regime}: not reached")
+            # above the measured points, one row per regime so that no marker hides another
+            ax.plot(missing, [top * 1.4 * 1.12**i] * len(missing), marker="^", linestyle="none",
+                    color=colors(i % 10), label=f"{regime}: not reached")
         k = next((k for k in knees if k["regime"] == regime and k["B_crit"]), None)
         if k:
             grid = np.geomspace(b.min(), b.max(), 50)
@@ -215,7 +223,7 @@ def steps_figure(rows: Sequence[dict[str, Any]], knees: Sequence[dict[str, Any]]
             ax.plot(grid, s[0] * b[0] / grid, color="black", linestyle="--", alpha=0.6, label="perfect scaling")
     bs = [k["B_simple_at_target"] for k in knees if k["B_simple_at_target"]]
     if bs:
-        b_simple = statistics.fmean(bs)
+        b_simple = statistics.median(bs)
         ax.axvline(b_simple, color="grey", linestyle="-.", label=f"B_simple at target ({b_simple:.0f})")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
