@@ -276,6 +276,13 @@ def _variant_columns(keys: Sequence[dict[str, Any]]) -> list[str]:
     return [k for k in names if len({json.dumps(d.get(k), sort_keys=True, default=str) for d in keys}) > 1]
 
 
+def shown(flat: dict[str, Any], key: str) -> str:
+    """A variant column's cell: the identity's value, or the schema default that the canonical form left out
+    ("-" only for a key this version does not know)."""
+    defaults = schema_defaults()
+    return fmt(flat[key]) if key in flat else (fmt(defaults[key]) if key in defaults else "-")
+
+
 def _without(flat: dict[str, Any], drop: Iterable[str]) -> dict[str, Any]:
     drop = tuple(drop)
     return {k: v for k, v in flat.items() if not any(k == d or k.startswith(d + ".") for d in drop)}
@@ -344,7 +351,7 @@ def table1(runs: Sequence[Run]) -> list[dict[str, Any]]:
     out = []
     for ident, first, bs, bl, small, cells in specs:
         row = {"experiment": first.experiment, "dataset": first.dataset,
-               **{k: fmt(ident[k]) if k in ident else "-" for k in variants},
+               **{k: shown(ident, k) for k in variants},
                "B_S": bs, "B_L": bl, SB_COLUMN: accuracy_cell(small, seeds)}
         for k in columns:
             row[labels[k]] = accuracy_cell(cells[k], seeds) if k in cells else "-"
@@ -361,7 +368,7 @@ def long_table(runs: Sequence[Run]) -> list[dict[str, Any]]:
         fit = distance_fit(r)
         values = {k: r.results.to_dict().get(k) for k in RUN_FIELDS}
         rows.append({"experiment": r.experiment, "dataset": r.dataset,
-                     **{k: fmt(r.identity[k]) if k in r.identity else "-" for k in variants},
+                     **{k: shown(r.identity, k) for k in variants},
                      "batch": r.batch, "regime": r.regime, "seed": r.seed, "status": r.status,
                      "identity": r.identity_hash, **values,
                      "fit_a": fit["a"], "fit_b": fit["b"], "fit_r2": fit["r2"], "run": str(r.path)})
@@ -384,7 +391,7 @@ def aggregate_table(runs: Sequence[Run]) -> list[dict[str, Any]]:
         counts = Counter(r.status for r in members)
         done = [long[str(r.path)] for r in _finished(members)]
         agg = {"experiment": first.experiment, "dataset": first.dataset,
-               **{k: fmt(idents[key][k]) if k in idents[key] else "-" for k in variants},
+               **{k: shown(idents[key], k) for k in variants},
                "batch": first.batch, "regime": first.regime, "seeds": len(done),
                "status": ", ".join(f"{n} {s}" for s, n in sorted(counts.items())), "identity": first.identity_hash[:8]}
         for k in NUMERIC_COLUMNS:

@@ -38,10 +38,10 @@ from lbtrain.report import (
     _without,
     config_key,
     epochs_at,
-    fmt,
     mean_std,
     regime_rank,
     run_key,
+    shown,
 )
 
 _SHOWN = ("name", "dataset.name", "seed", "batch", "regime")
@@ -106,7 +106,7 @@ def steps_to_target(runs: Sequence[Run], target: float) -> list[dict[str, Any]]:
         first = members[0]
         hits = [c for c in (crossing(r, target) for r in members) if c is not None]
         row = {"experiment": first.experiment, "dataset": first.dataset,
-               **{k: fmt(idents[key][k]) if k in idents[key] else "-" for k in variants},
+               **{k: shown(idents[key], k) for k in variants},
                "regime": first.regime, "batch": first.batch, "target_error": target,
                "reached": f"{len(hits)} of {len(members)}"}
         for k in ("update", "epochs", "images"):

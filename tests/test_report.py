@@ -122,11 +122,11 @@ def test_look_alike_runs_never_share_a_cell(tmp_path: Path):
     # a row per configuration: the variant columns say how they differ
     assert {k for k in rows[0]} >= {"experiment", "dataset", "epochs", "max_steps", "B_S baseline"}
     by = {(r["dataset"], r["epochs"], r["max_steps"]): r["B_S baseline"] for r in rows}
-    assert by[("mnist", "-", "-")] == "97.00 ± 1.41 (1 diverged)"  # seeds 0 and 1; the copy of seed 0
+    assert by[("mnist", "null", "null")] == "97.00 ± 1.41 (1 diverged)"  # seeds 0 and 1; the copy of seed 0
     # (97.33 if it counted twice) and the diverged seed 2 are not averaged
-    assert by[("fashion_mnist", "-", "-")] == "88.00 (n=1)"  # fewer seeds than other cells: says so
-    assert by[("mnist", "-", "5")] == "stopped early"  # never averaged into the baseline
-    assert by[("mnist", "1.0", "-")] == "70.00 (n=1)"
+    assert by[("fashion_mnist", "null", "null")] == "88.00 (n=1)"  # fewer seeds than other cells: says so
+    assert by[("mnist", "null", "5")] == "stopped early"  # never averaged into the baseline
+    assert by[("mnist", "1.0", "null")] == "70.00 (n=1)"
     dup = [r for r in runs if r.status == "duplicate"]
     assert len(dup) == 1 and dup[0].duplicate_of is not None
     long = {r["run"]: r for r in report.long_table(runs)}
