@@ -191,6 +191,18 @@ def _figure() -> tuple[Figure, Any]:
     return fig, fig.add_subplot()
 
 
+def _finish(fig: Figure, ax: Any, xlabel: str, ylabel: str, title: str) -> Figure:
+    """Labels, grid, and the legend outside the axes (it never hides a curve)."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.get_lines():
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.tight_layout()
+    return fig
+
+
 def steps_figure(rows: Sequence[dict[str, Any]], knees: Sequence[dict[str, Any]], title: str = "") -> Figure:
     """Updates to target vs batch (log-log) per regime, mean ± std; perfect scaling through the smallest batch;
     the fitted S_min (1 + B_crit / B) and B_crit; B_simple at the target as a dotted line."""
@@ -227,13 +239,8 @@ def steps_figure(rows: Sequence[dict[str, Any]], knees: Sequence[dict[str, Any]]
         ax.axvline(b_simple, color="grey", linestyle="-.", label=f"B_simple at target ({b_simple:.0f})")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("updates to reach the target error")
-    ax.set_title(title or "Steps to target (Shallue et al. 2018)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, "batch size", "updates to reach the target error",
+                   title or "Steps to target (Shallue et al. 2018)")
 
 
 def sharpness_figure(rows: Sequence[dict[str, Any]], title: str = "") -> Figure:
@@ -246,14 +253,8 @@ def sharpness_figure(rows: Sequence[dict[str, Any]], title: str = "") -> Figure:
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colors(i % 10), label=regime)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("batch size")
-    ax.set_ylabel(r"final $\lambda_{max}$ of the training-loss Hessian")
-    ax.set_title(title or "Sharpness at the end of training (Keskar et al. 2017)")
-    ax.grid(True, which="both", alpha=0.3)
-    if ax.get_lines():
-        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, "batch size", r"final $\lambda_{max}$ of the training-loss Hessian",
+                   title or "Sharpness at the end of training (Keskar et al. 2017)")
 
 
 def gns_figure(runs: Sequence[Run], title: str = "") -> Figure:
@@ -273,14 +274,8 @@ def gns_figure(runs: Sequence[Run], title: str = "") -> Figure:
         ax.plot(steps, mean, color=colors(i / max(len(batches) - 1, 1)), label=f"B={batch} {regime}")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("updates, log scale")
-    ax.set_ylabel(r"$B_{simple} = tr(\Sigma) / |G|^2$")
-    ax.set_title(title or "Gradient noise scale over training (McCandlish et al. 2018)")
-    ax.grid(True, which="both", alpha=0.3)
-    if ax.get_lines():
-        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, "updates, log scale", r"$B_{simple} = tr(\Sigma) / |G|^2$",
+                   title or "Gradient noise scale over training (McCandlish et al. 2018)")
 
 
 def write_scaling(runs: Sequence[Run], out_dir: Path, target: float | None,
