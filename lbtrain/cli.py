@@ -26,7 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from lbtrain import distributed, regime
@@ -479,4 +479,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["main", "setup_hydra", "one_line", "run_folder_name", "Preflight", "open_dict"]
+__all__ = ["main", "setup_hydra", "one_line", "run_folder_name", "Preflight"]

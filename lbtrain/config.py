@@ -307,7 +307,7 @@ def validate(cfg: Any, world_size: int = 1) -> None:
 
 
 # Keys of `dataset` that only the synthetic dataset reads (defaults as in DatasetConfig).
-SYNTHETIC_ONLY = {"shape": [3, 32, 32], "num_classes": 10, "train_size": 1024, "val_size": 256}
+SYNTHETIC_ONLY = {k: getattr(DatasetConfig(), k) for k in ("shape", "num_classes", "train_size", "val_size")}
 
 
 def _validate_dataset(ds: Any) -> None:
