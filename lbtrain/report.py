@@ -193,13 +193,17 @@ def _mtime(path: Path) -> float:
         return 0.0
 
 
-def read_all_scalars(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
-    """All scalar series of a run folder as {tag: [(step, value), ...]}, sorted by step."""
+def read_all_scalars(run_dir: str | Path, every_write: bool = False) -> dict[str, list[tuple[int, float]]]:
+    """All scalar series of a run folder as {tag: [(step, value), ...]}, sorted by step. A step written twice
+    counts once, the later write winning; `every_write=True` keeps every write in file order (to check that a
+    resumed run wrote no point twice)."""
     if not Path(run_dir).is_dir():
         return {}
     # The real reader: it honours the purge events a resumed run writes over the steps it redoes.
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     acc.Reload()
+    if every_write:
+        return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
     out = {}
     for tag in acc.Tags()["scalars"]:
         points = {e.step: e.value for e in acc.Scalars(tag)}  # a step logged twice: the later write wins

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_cfg
+from helpers import make_cfg
 
 from lbtrain.ghost_bn import GhostBatchNorm
 from lbtrain.trainer import Trainer

@@ -4,7 +4,7 @@ and nothing written but Hydra's own files."""
 from __future__ import annotations
 
 import pytest
-from conftest import run_cli
+from helpers import run_cli
 
 BAD_INPUTS = [
     # (overrides, text the one line must contain)

@@ -10,11 +10,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import skip_md5, write_cifar, write_idx
+from helpers import SHARED_DATA, skip_md5, write_cifar, write_idx
 
 from lbtrain import data as D
 
-SHARED = Path("/work/shared/data")
+SHARED = SHARED_DATA
 
 
 def cfg(**kw) -> SimpleNamespace:

@@ -10,8 +10,8 @@ import time
 
 import pytest
 import torch
-from conftest import only_run as _only_run
-from conftest import run_cli, scalars
+from helpers import only_run as _only_run
+from helpers import run_cli, scalars
 
 from lbtrain.checkpoint import load_checkpoint, read_checkpoint_meta
 

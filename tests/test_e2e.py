@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import run_cli, run_main, scalars
+from helpers import run_cli, run_main, scalars
 
 TAGS = {"train/loss", "train/error", "val/loss", "val/error", "weights/distance", "opt/lr", "opt/batch_size",
         "opt/noise_scale", "opt/grad_norm", "perf/images_per_sec"}

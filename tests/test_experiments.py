@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONFIG_DIR, SHARED_DATA, make_cfg, skip_md5, write_cifar
+from helpers import CONFIG_DIR, SHARED_DATA, make_cfg, skip_md5, write_cifar
 
 from lbtrain.trainer import Trainer
 

@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT
+from helpers import ROOT
 from torch import nn
 
 from lbtrain.ghost_bn import (

@@ -17,7 +17,7 @@ import sys
 import time
 
 import pytest
-from conftest import CONFIG_DIR, make_cfg, only_run, read_json_strict, run_cli, run_main, scalars
+from helpers import CONFIG_DIR, make_cfg, only_run, read_json_strict, run_cli, run_main, scalars
 from hydra import compose, initialize_config_dir
 
 from lbtrain.checkpoint import CheckpointError, load_checkpoint, save_checkpoint

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, SHARED_DATA, make_cfg, only_run, run_main
+from helpers import ROOT, SHARED_DATA, make_cfg, only_run, run_main
 
 from lbtrain.data import class_balanced_subset, load_dataset
 from lbtrain.trainer import Trainer

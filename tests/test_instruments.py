@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_cfg, read_json_strict, scalars
+from helpers import make_cfg, read_json_strict, scalars
 from torch.func import functional_call
 
 from lbtrain.instruments.probes import SHARPNESS_SEED

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SHARED_DATA, make_cfg, run_cli
+from helpers import SHARED_DATA, make_cfg, run_cli
 from torch import nn
 
 from lbtrain import interp

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_cfg, make_run, scalars
+from helpers import make_cfg, make_run, scalars
 
 from lbtrain import report
 from lbtrain.checkpoint import load_checkpoint

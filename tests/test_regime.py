@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from conftest import make_cfg
+from helpers import make_cfg
 
 from lbtrain.config import ConfigError
 from lbtrain.regime import make_plan

@@ -8,7 +8,7 @@ import signal
 
 import pytest
 import torch
-from conftest import make_cfg, only_run, run_cli, run_main, scalars
+from helpers import make_cfg, only_run, run_cli, run_main, scalars
 
 from lbtrain.checkpoint import CheckpointError, load_checkpoint, read_checkpoint_meta, save_checkpoint
 from lbtrain.trainer import Trainer
@@ -20,7 +20,7 @@ RUN = ("outputs", "digits", "default")  # all three keys only change how the run
 
 
 def tb_series(run_dir) -> dict:
-    s = scalars(run_dir)
+    s = scalars(run_dir, every_write=True)
     s.pop("perf/images_per_sec")  # wall-clock, differs between any two runs
     return s
 
@@ -194,14 +194,14 @@ def test_kill_before_the_first_checkpoint_starts_over_without_duplicates(tmp_pat
     assert run_cli("seed=3", "log_every=5", cwd=tmp_path).returncode == 0
     run = tmp_path / "outputs" / "digits" / "seed=3"
     assert len(list(run.glob("events.out.tfevents*"))) == 1
-    for tag, points in scalars(run).items():
+    for tag, points in scalars(run, every_write=True).items():
         steps = [s for s, _ in points]
         assert len(steps) == len(set(steps)), tag
 
 
 def test_sigusr2_checkpoints_then_hands_over_to_the_launcher(tmp_path, monkeypatch):
     """submitit sends SIGUSR2 before a SLURM time limit and requeues in its own handler: ours runs first."""
-    from conftest import make_cfg
+    from helpers import make_cfg
 
     from lbtrain.trainer import Interrupted, Trainer
 

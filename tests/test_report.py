@@ -12,7 +12,7 @@ from pathlib import Path
 
 import matplotlib.image
 import pytest
-from conftest import make_run, read_json_strict
+from helpers import make_run, read_json_strict
 from torch.utils.tensorboard import SummaryWriter
 
 from lbtrain import report

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import TRAIN_SIZE, make_run
+from helpers import TRAIN_SIZE, make_run
 from torch.utils.tensorboard import SummaryWriter
 
 from lbtrain import report, scaling

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import ROOT, make_cfg, run_cli, run_main
+from helpers import ROOT, make_cfg, run_cli, run_main
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lbtrain import report

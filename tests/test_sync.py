@@ -20,7 +20,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import make_cfg
+from helpers import make_cfg
 
 from lbtrain.data import DeviceLoader
 from lbtrain.trainer import Trainer
