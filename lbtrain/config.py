@@ -122,6 +122,9 @@ class RegimeConfig:
     max_batch: int | None = None  # hybrid: past this batch, drop the LR instead (default: dataset size)
     warmup_epochs: float = 0.0  # linear warm-up from base.lr to the scaled LR
     momentum: float | None = None  # Smith et al.'s momentum rule: this momentum, with batch or LR keeping g
+    # how reports show the preset (run-only: a label never changes what is trained)
+    label: str | None = None  # short column/legend name (Hoffer et al.'s LB, +LR, +GBN, +RA); None: the name
+    rank: int = 100  # column order in reports (lower first)
 
 
 @dataclass

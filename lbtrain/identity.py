@@ -30,6 +30,7 @@ RUN_ONLY: tuple[str, ...] = (
     "log_every", "eval_every", "eval_per_decade", "checkpoint", "resume",
     "dataset.root", "dataset.download", "dataset.workers",
     "gns", "sharpness", "layer_distance",
+    "regime.label", "regime.rank",  # how reports show a regime preset
     "effective",  # derived from the rest (shown by --cfg job), not a setting
 )
 SEED_KEY = "seed"

@@ -47,7 +47,7 @@ def test_run_only_keys_are_not_identity():
     for override in ("device=cpu", "deterministic=true", "channels_last=true", "compile=true", "log_every=7",
                      "eval_every=2", "checkpoint.every_steps=9", "progress=true", "dataset.root=/x", "threads=1",
                      "resume=/some/checkpoint.pt", "eval_per_decade=5", "gns=true", "sharpness.every_epochs=1",
-                     "sharpness.samples=64", "layer_distance=true"):
+                     "sharpness.samples=64", "layer_distance=true", "regime.label=X", "regime.rank=3"):
         assert ident(override) == base, override
     for override in ("seed=1", "batch=32", "base.lr=0.2", "regime=adapt", "precision=bf16", "max_steps=9",
                      "dataset.subset=500", "epochs=2", "optimizer=lars", "optimizer.eps=1e-6",
