@@ -3,6 +3,12 @@
 Checkpoint format (version 2): one header line `LBTRAIN-CKPT-2 <sha256> <n>\\n`, then `n` bytes of JSON metadata
 (the run's identity, its hash, status and update: readable without loading the tensors), then the `torch.save`
 payload. The SHA-256 covers `<n>\\n`, the metadata and the payload. Version 1 files (no metadata) still load.
+
+Loading never runs code a checkpoint carries. The SHA-256 is a checksum, not a signature: anyone can write a file
+that passes it, and a pickle can name any callable to run as it is read (`__reduce__` -> `os.system`). Checkpoints are
+read back from shared output folders (`lbtrain-interp RUN_A RUN_B`, `resume=PATH`, a re-run), so the payload is
+unpickled with `torch.load(weights_only=True)`: tensors and plain containers only, anything else refused unread. To
+keep every checkpoint loadable that way, `save_checkpoint` accepts only what it allows (`PLAIN_TYPES` and tensors).
 """
 
 from __future__ import annotations
@@ -11,7 +17,10 @@ import hashlib
 import io
 import json
 import os
+import pickle
+import re
 import tempfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +33,11 @@ if TYPE_CHECKING:
 CHECKPOINT_KEYS = ("model", "optimizer", "w0", "state", "rng", "identity")  # what a run checkpoint must hold
 _MAGIC1 = b"LBTRAIN-CKPT-1 "
 _MAGIC2 = b"LBTRAIN-CKPT-2 "
+# What a checkpoint may hold besides tensors (torch.Tensor, nn.Parameter, torch.Size, torch.dtype), checked by
+# type, not isinstance: a subclass (numpy.float64 of float, an Enum of str, defaultdict of dict) pickles as a
+# reference to its class, which weights_only=True refuses. All of these are in torch.load(weights_only=True)'s
+# default allow-list since torch 2.4, our floor (later versions load more, e.g. set and bytes: not relied on).
+PLAIN_TYPES: tuple[type, ...] = (dict, OrderedDict, list, tuple, str, int, float, bool, type(None))
 
 
 def _umask() -> int:
@@ -85,10 +99,33 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     return removed
 
 
-def save_checkpoint(path: str | Path, state: dict[str, Any], meta: dict[str, Any] | None = None) -> None:
-    """torch.save `state` behind a header holding the SHA-256 and JSON `meta`, written atomically."""
+def _check_plain(obj: Any, where: str = "state") -> None:
+    """TypeError naming the first value of `obj` (and where it lies) that torch.load(weights_only=True) would refuse:
+    a run that checkpoints one would fail only when it resumes, maybe hours later."""
     import torch
 
+    kind = type(obj)
+    if kind in (torch.Tensor, torch.nn.Parameter, torch.Size, torch.dtype):
+        return
+    if kind not in PLAIN_TYPES:
+        raise TypeError(f"checkpoint {where} is a {kind.__module__}.{kind.__qualname__}: a checkpoint holds only "
+                        "tensors and plain dict/list/tuple/str/int/float/bool/None (convert it: float(x), "
+                        ".tolist(), a dict of its fields), so that loading it never runs code")
+    if kind in (dict, OrderedDict):
+        for k, v in obj.items():
+            _check_plain(k, f"{where} key {k!r}")
+            _check_plain(v, f"{where}[{k!r}]")
+    elif kind in (list, tuple):
+        for i, v in enumerate(obj):
+            _check_plain(v, f"{where}[{i}]")
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any], meta: dict[str, Any] | None = None) -> None:
+    """torch.save `state` behind a header holding the SHA-256 and JSON `meta`, written atomically. `state` may hold
+    only tensors and plain containers (PLAIN_TYPES): anything else is a TypeError, before anything is written."""
+    import torch
+
+    _check_plain(state)
     buf = io.BytesIO()
     torch.save(state, buf)
     meta_bytes = dumps(meta or {}).encode()
@@ -138,8 +175,8 @@ def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu", required: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Load a checkpoint written by save_checkpoint; raise CheckpointError unless it is intact and holds every
-    key of `required`."""
+    """Load a checkpoint written by save_checkpoint; raise CheckpointError unless it is intact, holds only tensors
+    and plain data (nothing in it is run: see the module docstring), and holds every key of `required`."""
     import torch
 
     path = Path(path)
@@ -151,7 +188,15 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu", required: tuple
     if hashlib.sha256(covered).hexdigest().encode() != digest:
         raise CheckpointError(f"{path} is truncated or corrupt (checksum mismatch); delete it to start over")
     try:
-        state = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=False)
+        # weights_only=True, always: the restricted unpickler refuses any class or function the file names (other
+        # than tensor rebuilds and plain containers) before calling it. TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD cannot
+        # turn it off (it only changes the default); nothing here widens torch's allow-list.
+        state = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:  # the restricted unpickler's refusal (its text spans many lines)
+        name = re.search(r"GLOBAL ([\w.]{1,100})", str(e))  # the callable or class it names, e.g. posix.system
+        raise CheckpointError(f"{path} holds objects that are not tensors or plain data"
+                              f"{f' ({name.group(1)})' if name else ''}, so it was not loaded (loading could run "
+                              "code it carries); use only checkpoints lbtrain wrote") from None
     except Exception as e:  # a file that checks out but does not unpickle: written by something else
         raise CheckpointError(f"{path} cannot be loaded ({type(e).__name__}: {e})".splitlines()[0]) from None
     if not isinstance(state, dict):

@@ -1,9 +1,10 @@
-"""`lbtrain` command line: Hydra composes the config, the pre-flight check accepts it, then Trainer runs it.
+"""`lbtrain` command line: Hydra composes the config, `lbtrain.session.prepare` accepts it, then Trainer runs it.
 
 Every user mistake (bad override, unknown option, meaningless value, missing data, a run folder held by another
 process or another run, a foreign checkpoint) ends as one line on stderr, `lbtrain: error: ...`, exit code 2, and
-writes nothing: a single run is checked (`Preflight.on_run_start`) before Hydra makes its folder, and lbtrain, not
-Hydra, writes `.hydra/` and `lbtrain.log` once the run holds its folder's lock.
+writes nothing: a single run is prepared (`Preflight.on_run_start`) before Hydra makes its folder, and lbtrain, not
+Hydra, writes `.hydra/` and `lbtrain.log` once the run holds its folder's lock. The job takes that prepared run;
+a sweep job, whose callback Hydra does not call in a worker, prepares itself: once per run either way.
 
 Run folders are `outputs/<experiment>/<name>`, `<name>` a function of the run's identity (`lbtrain.identity`).
 """
@@ -13,9 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-import signal
 import sys
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -29,43 +28,37 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from lbtrain import distributed, regime
+from lbtrain import distributed, regime, signals
 from lbtrain.checkpoint import CheckpointError, atomic_write_json, remove_stale_temporaries
-from lbtrain.config import ConfigError, DatasetNotFoundError, register_configs, resolved, schema_defaults, validate
+from lbtrain.config import (
+    ConfigError,
+    DatasetNotFoundError,
+    check_override_values,
+    register_configs,
+    resolved,
+    schema_defaults,
+    validate,
+)
 from lbtrain.identity import identity, identity_hash, run_name
-from lbtrain.results import ResultsError, read_results
-from lbtrain.rundir import RunFolderError, RunLock, check_folder
+from lbtrain.paths import config_dir
+from lbtrain.results import Results, ResultsError, read_results
+from lbtrain.rundir import RunFolderError
+from lbtrain.signals import Interrupted
 
 log = logging.getLogger("lbtrain")
 
 
-def _config_dir() -> str:
-    """The shipped configs: inside the package (wheel, sdist, `pip install .`), else the repository's top-level
-    configs/ beside the package (a source checkout or `pip install -e .`)."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "configs", here.parent / "configs"):
-        if (candidate / "config.yaml").is_file():
-            return str(candidate)
-    return str(here / "configs")
+class SweepRefused(ValueError):
+    """Jobs of a sweep that its pre-flight check refused (one line)."""
 
 
-CONFIG_DIR = _config_dir()
-USER_ERRORS = (ConfigError, DatasetNotFoundError, RunFolderError, CheckpointError, ResultsError)
+CONFIG_DIR = config_dir()
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DatasetNotFoundError, RunFolderError, CheckpointError,
+                                             ResultsError, SweepRefused)
 GROUPS = ("dataset", "model", "regime", "optimizer")  # config groups whose choice is part of a run's name
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 _user_error: list[BaseException] = []
-
-
-class JobInterrupted(Exception):
-    """A sweep job in a worker process (joblib, submitit) that was interrupted or skipped because the sweep is
-    stopping. A plain Exception, so Hydra records it as the job's result instead of tearing the pool down."""
-
-    def __init__(self, signum: int):
-        self.signum = signum
-        super().__init__(f"interrupted by {signal.Signals(signum).name}")
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.signum,))
+_prepared: dict[Path, Any] = {}  # run folder -> the run its pre-flight callback prepared (a single run)
 
 
 # ------------------------------------------------------------------------------------------- run names
@@ -148,31 +141,79 @@ class Rejected(BaseException):
 
 
 class Preflight(Callback):
-    """Hydra callback: check a single run completely before Hydra makes its folder (a rejected command then
-    writes nothing at all). Sweeps are checked per job, inside the job (its failure is recorded there)."""
+    """Hydra callback: prepare a single run completely (`lbtrain.session.prepare`, which takes the folder's lock
+    last) before Hydra makes its folder: a rejected command then writes nothing at all. Sweep jobs are prepared in
+    the job (a failure is recorded there)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
             task = OmegaConf.masked_copy(config, [k for k in config.keys() if k != "hydra"])
+            check_override_values(OmegaConf.select(config, "hydra.overrides.task"))
             validate(task, distributed.env_world().world)  # without torch: most mistakes are reported in ~1 s
-            self._check(config)
+            from lbtrain.session import prepare
+
+            HydraConfig.instance().set_config(config)  # so ${hydra:...} in hydra.run.dir resolves
+            run_dir = _run_dir_of(config)
+            _prepared[run_dir.absolute()] = prepare(task, run_dir, lock=True)
         except USER_ERRORS + (OSError, OmegaConfBaseException) as e:
             raise Rejected(e) from e
+        except Exception as e:  # noqa: BLE001 - anything else before training is a refusal too, in one line
+            raise Rejected(e) from e
 
-    @staticmethod
-    def _check(config: DictConfig) -> None:
-        from lbtrain.preflight import preflight
 
-        HydraConfig.instance().set_config(config)  # so ${hydra:...} in hydra.run.dir resolves
-        task = OmegaConf.masked_copy(config, [k for k in config.keys() if k != "hydra"])
-        world = distributed.env_world()
-        checked = preflight(task, world.world, local_rank=world.local_rank)
-        run_dir = _run_dir_of(config)
-        if run_dir.is_file():
-            raise OSError(20, "Not a directory", str(run_dir))
-        if run_dir.is_dir() or task.get("resume"):  # (under DDP rank 0 alone takes the lock)
-            check_folder(run_dir, checked.identity, schema_defaults(), task.get("resume"),
-                         check_lock=world.main and run_dir.is_dir(), verify=True)
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """A sweep is checked as a whole before its first job starts: every job's config through the same checks
+        (`lbtrain.session.precheck`; a job run in this process reuses them). The refused jobs are listed in one
+        line and nothing runs, unless `skip_bad_jobs=true` (they are then recorded as failed; the others run)."""
+        try:
+            check_override_values(OmegaConf.select(config, "hydra.overrides.task"))
+            if config.get("skip_bad_jobs"):
+                return
+            bad = _refused_jobs(config)
+        except USER_ERRORS + (OmegaConfBaseException, HydraException) as e:
+            raise Rejected(e) from e
+        if bad:
+            shown = "; ".join(f"[{','.join(job) or 'defaults'}] {why}" for job, why in bad[:5])
+            more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
+            raise Rejected(SweepRefused(f"{len(bad)} job(s) of this sweep are refused before any ran: {shown}{more} "
+                                        "(fix them, or run the others with skip_bad_jobs=true)"))
+
+
+
+
+def _sweep_jobs(config: DictConfig) -> list[list[str]] | None:
+    """Each job's overrides, as Hydra's basic sweeper will expand them; None for another sweeper."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    target = str(OmegaConf.select(config, "hydra.sweeper._target_", default=""))
+    if not target.endswith("BasicSweeper"):
+        return None
+    params = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
+    args = [f"{k}={v}" for k, v in params.items()] + list(OmegaConf.select(config, "hydra.overrides.task") or [])
+    parsed = OverridesParser.create().parse_overrides(args)
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def _refused_jobs(config: DictConfig) -> list[tuple[list[str], str]]:
+    from hydra import compose
+
+    from lbtrain.session import precheck
+
+    jobs = _sweep_jobs(config)
+    if jobs is None:
+        return []
+    varying = {o for job in jobs for o in job} - set.intersection(*(set(job) for job in jobs)) if jobs else set()
+    _CONFIG_NAME[0] = str(OmegaConf.select(config, "hydra.job.config_name", default="config") or "config")
+    bad = []
+    for job in jobs:
+        try:
+            task = compose(config_name=_config_name(), overrides=list(job))
+            task = OmegaConf.masked_copy(task, [k for k in task.keys() if k != "hydra"])
+            precheck(task)
+        except USER_ERRORS + (OmegaConfBaseException, HydraException) as e:
+            bad.append(([o for o in job if o in varying], one_line(e)))
+    return bad
 
 
 # ----------------------------------------------------------------------------------------- the job
@@ -196,49 +237,44 @@ def _hydra_main(cfg: DictConfig) -> dict[str, Any] | None:
 
 
 def _job(cfg: DictConfig, run_dir: Path, multirun: bool) -> dict[str, Any]:
-    from lbtrain.preflight import preflight
-    from lbtrain.trainer import Interrupted, run, set_threads
+    from lbtrain.session import prepare
+    from lbtrain.trainer import run, set_threads
 
     world = distributed.env_world()
-    if _in_worker():
-        _guard_worker_signals()
-    stopping = _sweep_stopping()
-    if stopping is None and _in_worker():
-        from lbtrain.trainer import PENDING_SIGNALS
-
-        stopping = PENDING_SIGNALS[0] if PENDING_SIGNALS else None
+    if signals.in_worker():
+        signals.guard_worker()
+    stopping = signals.sweep_stopping()
     if stopping is not None:  # Ctrl-C'd sweep: jobs that had not started yet do not start
         _remove_if_empty(run_dir)
-        raise (JobInterrupted(stopping) if _in_worker() else Interrupted(stopping))
+        raise Interrupted(stopping)
     distributed.export_slurm_env()
     set_threads(cfg.threads if cfg.threads is not None else _launcher_threads())
-    lock = RunLock(run_dir)
+    prepared = _prepared.pop(run_dir.absolute(), None)
     handler: logging.Handler | None = None
+    # A sweep job's console output is one line (and its warnings and errors); lbtrain.log keeps everything.
+    quieted = [(h, h.level) for h in logging.getLogger().handlers
+               if multirun and type(h) is logging.StreamHandler]
+    for h, _ in quieted:
+        h.setLevel(logging.WARNING)
     try:
-        if world.main:
-            lock.acquire()  # one writer per folder, for the life of the run
-        try:
-            checked = preflight(cfg, world.world, local_rank=world.local_rank)
-            # (a single run's checkpoint was verified before its folder was touched; a sweep job's is here)
-            folder = check_folder(run_dir, checked.identity, schema_defaults(), cfg.resume, check_lock=False,
-                                  verify=multirun)
-        except (ConfigError, DatasetNotFoundError) as e:
-            if multirun and world.main:
-                _record_failure(cfg, run_dir, e)
-            raise
+        if prepared is None:  # a sweep job (or a run whose callback Hydra did not call)
+            try:
+                prepared = prepare(cfg, run_dir, lock=True)
+            except (ConfigError, DatasetNotFoundError) as e:
+                if multirun and world.main:
+                    _record_failure(cfg, run_dir, e)
+                raise
         if world.main:
             for tmp in remove_stale_temporaries(run_dir):
                 log.info("removed %s, left by a process killed while writing it", tmp.name)
-            if not folder.final:  # a completed run's record stays as it was
+            if not prepared.folder.final:  # a completed run's record stays as it was
                 _save_hydra_files(cfg, run_dir)
             handler = logging.FileHandler(run_dir / "lbtrain.log")
             handler.setFormatter(logging.Formatter(LOG_FORMAT))
             logging.getLogger().addHandler(handler)
         try:
-            results = run(cfg, run_dir)
-        except Interrupted as e:
-            if _in_worker():
-                raise JobInterrupted(e.signum) from None
+            results = run(prepared)
+        except Interrupted:
             raise
         except Exception as e:
             if not isinstance(e, USER_ERRORS):
@@ -247,16 +283,25 @@ def _job(cfg: DictConfig, run_dir: Path, multirun: bool) -> dict[str, Any]:
             raise
         if world.main:
             err = results.get("final_val_error")
-            log.info("%s: %s after %d updates, val error %s", cfg.name, results["status"], results["updates"],
-                     f"{err:.4f}" if err is not None else "n/a")
-            log.info("results: %s  TensorBoard: %s  checkpoint: %s", run_dir / "results.json", run_dir,
-                     run_dir / "checkpoint.pt")
+            summary = (f"{cfg.name}: {results['status']} after {results['updates']} updates, val error "
+                       + (f"{err:.4f}" if err is not None else "n/a"))
+            if multirun:  # one line per sweep job on the console; the job's details are in its lbtrain.log
+                log.info("%s", summary)
+                sys.stdout.write(f"{run_dir}: {summary.split(': ', 1)[1]}\n")
+                sys.stdout.flush()
+            else:
+                log.info("%s", summary)
+                log.info("results: %s  TensorBoard: %s  checkpoint: %s", run_dir / "results.json", run_dir,
+                         run_dir / "checkpoint.pt")
         return results
     finally:
         if handler is not None:
             logging.getLogger().removeHandler(handler)
             handler.close()
-        lock.release()
+        for h, level in quieted:
+            h.setLevel(level)
+        if prepared is not None:
+            prepared.release()
 
 
 def _save_hydra_files(cfg: DictConfig, run_dir: Path) -> None:
@@ -273,56 +318,25 @@ def _save_hydra_files(cfg: DictConfig, run_dir: Path) -> None:
 def _record_failure(cfg: DictConfig, run_dir: Path, e: BaseException) -> None:
     """A sweep job that failed before training: leave a results.json (status failed) so summaries list it, unless
     the folder already holds one (never overwrite a run's results)."""
-    from lbtrain.results import Results
-
     path = run_dir / "results.json"
     try:
         if read_results(path) is not None:
             return
     except ResultsError:
         return
-    sel = lambda key: OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)  # noqa: E731
     try:
         ident = identity(resolved(cfg))
         digest = identity_hash(ident, schema_defaults())
     except Exception:  # noqa: BLE001 - a config that does not even resolve
         ident, digest = {}, None
-    res = Results(status="failed", error=one_line(e), identity=ident, identity_hash=digest, experiment=sel("name"),
-                  dataset=sel("dataset.name"), model=sel("model.name"), regime=sel("regime.name"),
-                  batch=sel("batch"), base_batch=sel("base.batch"), ghost_batch=sel("ghost_batch"), seed=sel("seed"))
-    atomic_write_json(path, res.to_dict())
+    atomic_write_json(path, Results.of_run("failed", ident, digest, error=one_line(e)).to_dict())
 
 
-# --------------------------------------------------------------------------------------- sweep stopping
-_STOP_ENV, _PARENT_ENV = "LBTRAIN_SWEEP_STOP", "LBTRAIN_SWEEP_PARENT"
-
-
-def _in_worker() -> bool:
-    """Whether this job runs in a sweep worker process (joblib, submitit), not in the `lbtrain -m` process."""
-    parent = os.environ.get(_PARENT_ENV)
-    return parent is not None and parent != str(os.getpid())
-
-
-def _guard_worker_signals() -> None:
-    """In a sweep worker, SIGINT/SIGTERM outside training must not kill the process (joblib would then tear down
-    the pool, killing jobs that are checkpointing): record the signal; training (if it starts) stops at once."""
-    from lbtrain.trainer import PENDING_SIGNALS
-
-    def record(signum: int, frame: Any) -> None:
-        if not PENDING_SIGNALS:
-            PENDING_SIGNALS.append(signum)
-
-    for s in (signal.SIGINT, signal.SIGTERM):
-        try:
-            signal.signal(s, record)
-        except ValueError:  # not the main thread
-            pass
-
-
+# --------------------------------------------------------------------------------------- sweeps
 def _launcher_threads() -> int | None:
     """Jobs that a launcher runs side by side (joblib's n_jobs) share the cores: each gets cores // n_jobs torch
     threads unless `threads=` says otherwise (n_jobs threads each would oversubscribe the machine n_jobs times)."""
-    if not _in_worker():
+    if not signals.in_worker():
         return None
     n_jobs = OmegaConf.select(HydraConfig.get(), "launcher.n_jobs", default=None)
     if not isinstance(n_jobs, int) or n_jobs == 0:
@@ -331,47 +345,11 @@ def _launcher_threads() -> int | None:
     return max(1, cores // (cores if n_jobs < 0 else n_jobs))
 
 
-def _sweep_stopping() -> int | None:
-    """The signal that is stopping this sweep, if any (the parent writes it into the stop file)."""
-    path = os.environ.get(_STOP_ENV)
-    if not path:
-        return None
-    try:
-        return int(Path(path).read_text() or signal.SIGINT)
-    except (OSError, ValueError):
-        return None
-
-
 def _remove_if_empty(folder: Path) -> None:
     try:
         folder.rmdir()
     except OSError:
         pass
-
-
-class _SweepStop:
-    """In the `lbtrain -m` process: the first SIGINT/SIGTERM stops the sweep (running jobs checkpoint and stop, no
-    new job starts); a second one exits at once."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self.path = Path(tempfile.gettempdir()) / f"lbtrain-sweep-{os.getpid()}.stop"
-        os.environ[_STOP_ENV], os.environ[_PARENT_ENV] = str(self.path), str(os.getpid())
-        self.path.unlink(missing_ok=True)
-        self.previous = {s: signal.signal(s, self._handler) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        if self.signum is not None:
-            os._exit(128 + signum)
-        self.signum = signum
-        self.path.write_text(str(signum))
-        sys.stderr.write(f"lbtrain: {signal.Signals(signum).name}: stopping the sweep (running jobs checkpoint and "
-                         "stop, no new job starts; send again to exit at once)\n")
-
-    def close(self) -> None:
-        for s, old in self.previous.items():
-            signal.signal(s, old)
-        self.path.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -407,18 +385,6 @@ def one_line(e: BaseException) -> str:
     return first
 
 
-def _interrupt_signal(e: BaseException) -> int | None:
-    trainer = sys.modules.get("lbtrain.trainer")  # (never imported: nothing trained, nothing was interrupted)
-    kinds = (JobInterrupted, trainer.Interrupted) if trainer else (JobInterrupted,)
-    chain, seen = [], e
-    while seen is not None and seen not in chain:
-        chain.append(seen)
-        if isinstance(seen, kinds):
-            return seen.signum
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
 def main() -> None:
     """Console entry point (`lbtrain`, `python -m lbtrain`)."""
     if not Path(CONFIG_DIR, "config.yaml").is_file():
@@ -434,8 +400,12 @@ def main() -> None:
         sys.argv.append("--resolve")  # show the effective values, not interpolation strings
     if not distributed.env_world().main:
         sys.argv += ["hydra/job_logging=disabled"]  # only rank 0 writes a log
+    bad = _unknown_optional_choice(argv)
+    if bad:
+        sys.stderr.write(f"lbtrain: error: {bad}\n")
+        sys.exit(2)
     multirun = any(a in ("-m", "--multirun") for a in argv)
-    sweep_stop = _SweepStop() if multirun else None
+    sweep_stop = signals.SweepStop() if multirun else None
     code = 0
     try:
         _hydra_main()
@@ -456,11 +426,38 @@ def main() -> None:
         sys.exit(code)
 
 
+def _ours(e: BaseException) -> bool:
+    return isinstance(e, USER_ERRORS + (HydraException, OmegaConfBaseException)) or (
+        isinstance(e, OSError) and e.filename is not None)
+
+
+def _plain(e: BaseException) -> str:
+    """One line for an unexpected exception before training (e.g. a value the checks did not foresee)."""
+    text = " ".join(str(e).split())[:300]
+    return f"the run was refused before it started: {type(e).__name__}{': ' + text if text else ''}"
+
+
+OPTIONAL_GROUPS = ("sweep",)  # `optional` in config.yaml's defaults: Hydra would silently skip a misspelled option
+
+
+def _unknown_optional_choice(argv: list[str]) -> str | None:
+    """The one-line error for `sweep=NAME` naming no shipped sweep (Hydra ignores a missing optional option)."""
+    for arg in argv:
+        group, sep, value = arg.partition("=")
+        if sep and group in OPTIONAL_GROUPS and value not in ("null", ""):
+            options = sorted(p.stem for p in Path(CONFIG_DIR, group).glob("*.yaml"))
+            for v in value.split(","):
+                if v not in options:
+                    return f"{group}={v}: unknown option; allowed: {', '.join(options)}"
+    return None
+
+
 def _report(e: BaseException, multirun: bool) -> int:
     """Print the one line for `e` and return the exit code (re-raise what is not ours to report)."""
-    if isinstance(e, Rejected):
-        e = e.error
-    signum = _interrupt_signal(e)
+    if isinstance(e, Rejected):  # refused before anything was written: one line, whatever went wrong
+        sys.stderr.write(f"lbtrain: error: {one_line(e.error) if _ours(e.error) else _plain(e.error)}\n")
+        return 2
+    signum = signals.interrupt_signal(e)
     if signum is not None:
         return 128 + signum
     if isinstance(e, (SystemExit, KeyboardInterrupt)):
@@ -468,8 +465,7 @@ def _report(e: BaseException, multirun: bool) -> int:
     if multirun:  # each job logged its failure and wrote its results.json
         sys.stderr.write(f"lbtrain: error: some jobs of the multirun failed; first failure: {one_line(e)}\n")
         return 1
-    if isinstance(e, USER_ERRORS + (HydraException, OmegaConfBaseException)) or (
-            isinstance(e, OSError) and e.filename is not None):
+    if _ours(e):
         sys.stderr.write(f"lbtrain: error: {one_line(e)}\n")
         return 2
     raise e

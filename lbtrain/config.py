@@ -14,9 +14,11 @@ from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
-from lbtrain.catalog import DATASET_FACTS, DATASETS
+from lbtrain.data import DATASETS, DatasetKeyError, validate_dataset
+from lbtrain.data import DatasetNotFoundError as DatasetNotFoundError  # re-exported: the data package raises it
+from lbtrain.instruments import base as instruments
 
 
 class ConfigError(ValueError):
@@ -38,10 +40,6 @@ class _Shown(str):
 
     def __repr__(self) -> str:
         return str(self)
-
-
-class DatasetNotFoundError(RuntimeError):
-    """Dataset files missing (or download failed); the one-line message says where we looked and the fixes."""
 
 
 class LRScaling(Enum):
@@ -148,7 +146,7 @@ class CheckpointConfig:
 @dataclass
 class SharpnessConfig:
     """Top Hessian eigenvalue (Lanczos) and Hessian trace (Hutchinson) of the training loss; see
-    lbtrain/instruments/probes.py. Costs (iters + trace_samples) Hessian-vector products over `samples`."""
+    lbtrain/instruments/sharpness.py. Costs (iters + trace_samples) Hessian-vector products over `samples`."""
 
     every_epochs: int = 0  # 0: off; N: at every N-th epoch end and at the end of the run
     samples: int = 1024  # fixed training samples (the same for every run of a sweep)
@@ -188,6 +186,7 @@ class Config:
     sharpness: SharpnessConfig = field(default_factory=SharpnessConfig)
     layer_distance: bool = False  # ||w_t - w_0|| per layer, beside the total
     progress: bool | None = None  # tqdm bar; null: only when stderr is a terminal
+    skip_bad_jobs: bool = False  # a sweep runs even if some jobs fail its pre-flight check (they are recorded)
     resume: str | None = None  # checkpoint to resume from; default: the run folder's own
     effective: dict[str, Any] = field(default_factory=dict)  # derived values, shown by --cfg job
 
@@ -212,7 +211,8 @@ def _positive(key: str, value: Any, allow_zero: bool = False) -> None:
 
 def check_known_keys(cfg: Any) -> None:
     """Reject keys the schema does not have (e.g. `+typo=1`, which Hydra's `+` adds to any config). Free-form
-    mappings (`model.kwargs`, `effective`) may hold any key; the model builder checks its own options."""
+    mappings (`model.kwargs`, `effective`) may hold any key; the model builder checks its own options. A registered
+    instrument's node is its own (an instrument added outside this schema checks its keys itself)."""
     schema = OmegaConf.structured(Config)
 
     def walk(node: Any, ref: Any, prefix: str) -> None:
@@ -223,6 +223,8 @@ def check_known_keys(cfg: Any) -> None:
             if dotted in FREE_FORM or (prefix == "" and key == "hydra"):
                 continue
             if key not in ref:
+                if prefix == "" and key in instruments.config_keys():
+                    continue
                 raise ConfigError(dotted, OmegaConf.select(node, str(key), throw_on_resolution_failure=False),
                                   "unknown key (the valid keys are listed by `lbtrain --cfg job`)")
             child = node._get_node(key)
@@ -233,11 +235,32 @@ def check_known_keys(cfg: Any) -> None:
 
 
 FREE_FORM = ("model.kwargs", "effective")
+_BOOL_WORDS = ("true", "false")
+
+
+def check_override_values(overrides: Any) -> None:
+    """Values OmegaConf would coerce silently: a boolean key given anything but true/false (`gns=2` would read as
+    true). `overrides`: the command line's `key=value` strings (sweeps `key=a,b` check each value)."""
+    from omegaconf.nodes import BooleanNode
+
+    schema = OmegaConf.structured(Config)
+    for text in overrides or ():
+        key, sep, value = str(text).lstrip("+~").partition("=")
+        if not sep or key.startswith("hydra") or "(" in value or "[" in value:
+            continue
+        node: Any = schema
+        for part in key.split("."):
+            node = node._get_node(part) if isinstance(node, DictConfig) and part in node else None
+        if isinstance(node, BooleanNode):
+            allowed = _BOOL_WORDS + (("null",) if node._is_optional() else ())
+            for v in value.split(","):
+                if v.strip().lower() not in allowed:
+                    raise ConfigError(key, v.strip(), f"must be {' or '.join(allowed)}")
 
 
 def validate(cfg: Any, world_size: int = 1) -> None:
     """Reject meaningful-but-wrong values before any work is done (raises ConfigError), without importing torch.
-    Checks that need torch (the model, the optimizer, the device), the data or the plan are in `lbtrain.preflight`,
+    Checks that need torch (the model, the optimizer, the device), the data or the plan are in `lbtrain.session`,
     which calls this first."""
     check_known_keys(cfg)
     if cfg.dataset.name not in DATASETS:
@@ -250,18 +273,15 @@ def validate(cfg: Any, world_size: int = 1) -> None:
         _positive(key, _get(cfg, key))
     if cfg.epochs is not None:
         _positive("epochs", cfg.epochs)
-    for key in ("base.momentum", "base.weight_decay", "regime.warmup_epochs", "eval_every",
+    for key in ("regime.warmup_epochs", "eval_every",
                 "checkpoint.every_epochs", "checkpoint.every_steps"):
         _positive(key, _get(cfg, key), allow_zero=True)
-    if not 0 <= cfg.base.momentum < 1:
-        raise ConfigError("base.momentum", cfg.base.momentum, "must be in [0, 1)")
-    if cfg.base.nesterov and cfg.base.momentum == 0:
-        raise ConfigError("base.nesterov", True, "needs base.momentum > 0")
+    # (momentum, Nesterov and weight decay are the optimizer's options: lbtrain.optim.validate_optimizer_options)
     if cfg.base.grad_clip is not None:
         _positive("base.grad_clip", cfg.base.grad_clip)
     if not 0 < cfg.base.gamma <= 1:
         raise ConfigError("base.gamma", cfg.base.gamma, "must be in (0, 1]")
-    if any(not isinstance(m, (int, float)) or m < 0 for m in cfg.base.milestones):
+    if any(not isinstance(m, (int, float)) or not math.isfinite(m) or m < 0 for m in cfg.base.milestones):
         raise ConfigError("base.milestones", list(cfg.base.milestones), "must be epochs >= 0")
     if list(cfg.base.milestones) != sorted(cfg.base.milestones):
         raise ConfigError("base.milestones", list(cfg.base.milestones), "must be in increasing order")
@@ -272,73 +292,34 @@ def validate(cfg: Any, world_size: int = 1) -> None:
             raise ConfigError("base.lr_schedule", "...", "must start at epoch 0 with increasing epochs")
         for p in points:
             _positive("base.lr_schedule.lr", p.lr)
+    if not isinstance(cfg.seed, int) or not 0 <= cfg.seed < 2**63:
+        raise ConfigError("seed", cfg.seed, "must be an integer in [0, 2^63)")
     if cfg.max_steps is not None:
         _positive_int("max_steps", cfg.max_steps)
     if cfg.threads is not None:
         _positive_int("threads", cfg.threads)
     _positive("diverge_loss", cfg.diverge_loss)
-    _validate_dataset(cfg.dataset)
+    try:  # the registry's entries say which dataset keys each reads
+        validate_dataset(cfg.dataset, DatasetConfig())
+    except DatasetKeyError as e:
+        raise ConfigError(e.key, e.value, e.allowed) from None
     _positive_int("duplicates", cfg.duplicates)
-    s = cfg.sharpness
-    for key, value in (("eval_per_decade", cfg.eval_per_decade), ("sharpness.every_epochs", s.every_epochs),
-                       ("sharpness.trace_samples", s.trace_samples)):
-        if not isinstance(value, int) or value < 0:
-            raise ConfigError(key, value, "must be an integer >= 0 (0: off)")
-    for key in ("samples", "iters"):
-        _positive_int(f"sharpness.{key}", s[key])
+    if not isinstance(cfg.eval_per_decade, int) or cfg.eval_per_decade < 0:
+        raise ConfigError("eval_per_decade", cfg.eval_per_decade, "must be an integer >= 0 (0: off)")
+    instruments.check(cfg, None)  # each instrument's own options (those that need no data)
     if cfg.regime.momentum is not None and not 0 <= cfg.regime.momentum < 1:
         raise ConfigError("regime.momentum", cfg.regime.momentum, "must be in [0, 1)")
 
-    per_rank = cfg.batch // world_size
-    if cfg.batch % world_size:
-        raise ConfigError("batch", cfg.batch, f"must be divisible by the number of processes ({world_size})")
+    # (how the batch splits into processes, micro-batches and ghost batches is checked for every epoch's batch in
+    # lbtrain.regime.check_batch, the one place of those rules)
     if cfg.micro_batch is not None:
         _positive_int("micro_batch", cfg.micro_batch)
-        if per_rank % cfg.micro_batch:
-            raise ConfigError("micro_batch", cfg.micro_batch, f"must divide the per-process batch ({per_rank})")
-    if cfg.regime.ghost_bn:
-        if cfg.ghost_batch < 2:
-            raise ConfigError("ghost_batch", cfg.ghost_batch, "must be >= 2 (batch norm over one sample is undefined)")
-        chunk = cfg.micro_batch or per_rank
-        if chunk % cfg.ghost_batch:
-            what = "micro_batch" if cfg.micro_batch else ("per-process batch" if world_size > 1 else "batch")
-            raise ConfigError("ghost_batch", cfg.ghost_batch, f"must divide the {what} ({chunk})")
+    if cfg.regime.ghost_bn and cfg.ghost_batch < 2:
+        raise ConfigError("ghost_batch", cfg.ghost_batch, "must be >= 2 (batch norm over one sample is undefined)")
     if cfg.regime.max_batch is not None:
         _positive_int("regime.max_batch", cfg.regime.max_batch)
         if cfg.regime.max_batch < cfg.batch:
             raise ConfigError("regime.max_batch", cfg.regime.max_batch, f"must be >= batch ({cfg.batch})")
-
-
-# Keys of `dataset` that only the synthetic dataset reads (defaults as in DatasetConfig).
-SYNTHETIC_ONLY = {k: getattr(DatasetConfig(), k) for k in ("shape", "num_classes", "train_size", "val_size")}
-
-
-def _validate_dataset(ds: Any) -> None:
-    facts = DATASET_FACTS[ds.name]
-    if ds.name == "synthetic":
-        shape = list(ds.shape)
-        if len(shape) != 3 or any(not isinstance(s, int) or s < 1 for s in shape):
-            raise ConfigError("dataset.shape", shape, "must be [channels, height, width] of integers >= 1")
-        if not isinstance(ds.num_classes, int) or ds.num_classes < 2:
-            raise ConfigError("dataset.num_classes", ds.num_classes, "must be an integer >= 2")
-        for key in ("train_size", "val_size"):
-            _positive_int(f"dataset.{key}", ds[key])
-    else:
-        for key, default in SYNTHETIC_ONLY.items():
-            value = ds[key]
-            value = list(value) if isinstance(value, ListConfig) else value
-            if value != default:
-                raise ConfigError(f"dataset.{key}", value, f"only dataset=synthetic reads it; to train on fewer "
-                                  f"samples of {ds.name}, use dataset.subset=N")
-    if not isinstance(ds.cutout, int) or ds.cutout < 0:
-        raise ConfigError("dataset.cutout", ds.cutout, "must be an integer >= 0 (0: no cutout)")
-    if ds.cutout and not facts.in_memory:
-        raise ConfigError("dataset.cutout", ds.cutout, f"is not available for {ds.name} (in-memory datasets only)")
-    if ds.subset is not None:
-        _positive_int("dataset.subset", ds.subset)
-        full = facts.train_size if ds.name != "synthetic" else ds.train_size
-        if full is not None and ds.subset > full:
-            raise ConfigError("dataset.subset", ds.subset, f"must be at most the training set's {full} samples")
 
 
 def _get(cfg: Any, dotted: str) -> Any:

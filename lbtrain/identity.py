@@ -4,10 +4,12 @@ The resolved config splits into two kinds of keys, listed here and nowhere else:
 - **identity**: data, model, recipe, regime, optimizer, seed, precision, batch, subset, ... Two runs with equal
   identities train the same thing; checkpoints and results.json store the identity and its short hash; resume
   refuses any difference; run folders are named from it; reports group by it (minus the seed).
-- **run-only** (`RUN_ONLY`): keys that change how or where a run executes, or what it measures, never what it
+- **run-only** (`run_only()`): keys that change how or where a run executes, or what it measures, never what it
   trains: device, determinism, memory layout, compilation, threads, progress, logging / evaluation / checkpoint
-  cadence, data location, workers, the instruments. They may differ between an interruption and its resume.
+  cadence, data location, workers (`RUN_ONLY`), and every instrument's config node (from the instrument registry,
+  `lbtrain.instruments`). They may differ between an interruption and its resume.
 
+`epochs=N` equal to the recipe's `base.epochs` is the recipe unchanged (recorded as not set).
 `micro_batch` is part of the identity only without ghost batch norm: with GBN every micro-batch holds whole ghost
 batches and the update equals the one without accumulation (running statistics included), while with plain
 BatchNorm the micro-batch is the group BN normalizes over, which changes what is trained.
@@ -24,17 +26,23 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-# Keys (dotted; a key covers everything below it) that never change what is trained.
+from lbtrain.instruments import base as instruments
+
+# Keys (dotted; a key covers everything below it) that never change what is trained, besides the instruments' nodes.
 RUN_ONLY: tuple[str, ...] = (
-    "device", "deterministic", "channels_last", "compile", "threads", "progress",
+    "device", "deterministic", "channels_last", "compile", "threads", "progress", "skip_bad_jobs",
     "log_every", "eval_every", "eval_per_decade", "checkpoint", "resume",
     "dataset.root", "dataset.download", "dataset.workers",
-    "gns", "sharpness", "layer_distance",
     "regime.label", "regime.rank",  # how reports show a regime preset
     "effective",  # derived from the rest (shown by --cfg job), not a setting
 )
 SEED_KEY = "seed"
 HASH_CHARS = 12
+
+
+def run_only() -> tuple[str, ...]:
+    """Every run-only key: `RUN_ONLY` and each registered instrument's config node."""
+    return RUN_ONLY + instruments.config_keys()
 
 
 def _drop(tree: dict[str, Any], dotted: str) -> None:
@@ -50,11 +58,14 @@ def identity(resolved: Mapping[str, Any]) -> dict[str, Any]:
     """The identity of a run from its resolved config as plain containers (`hydra` key, if any, ignored)."""
     ident = json.loads(json.dumps(dict(resolved), default=str))  # a deep, JSON-typed copy
     ident.pop("hydra", None)
-    for key in RUN_ONLY:
+    for key in run_only():
         _drop(ident, key)
     regime = ident.get("regime") or {}
     if regime.get("ghost_bn"):
         ident.pop("micro_batch", None)  # see the module docstring
+    base = ident.get("base") or {}
+    if ident.get("epochs") is not None and ident["epochs"] == base.get("epochs"):
+        ident["epochs"] = None  # `epochs=N` spelling out the recipe's own length trains the same run
     return ident
 
 

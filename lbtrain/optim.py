@@ -261,12 +261,15 @@ class OptimizerSpec:
     build: (param groups from `param_groups`, options) -> optimizer.
     uses_momentum: reads `base.momentum` / `base.nesterov` (otherwise nesterov=True is a config error).
     sgd_noise_scale: Smith et al.'s SGD noise scale g = eps N / (B (1 - m)) describes its updates.
+    reads: the `optimizer.*` options it uses; setting another one away from its default is a config error (it would
+    change the run's identity without changing what is trained).
     """
 
     build: Callable[[list[dict[str, Any]], _Options], torch.optim.Optimizer]
     uses_momentum: bool
     sgd_noise_scale: bool
     summary: str
+    reads: tuple[str, ...] = ()
 
 
 def _fused(o: _Options) -> dict[str, bool]:
@@ -277,17 +280,18 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "sgd": OptimizerSpec(
         build=lambda groups, o: torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
                                                 **_fused(o)),
-        uses_momentum=True, sgd_noise_scale=True, summary="torch.optim.SGD (momentum, optional Nesterov)"),
+        uses_momentum=True, sgd_noise_scale=True, summary="torch.optim.SGD (momentum, optional Nesterov)", reads=()),
     "adamw": OptimizerSpec(
         build=lambda groups, o: torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, **_fused(o)),
-        uses_momentum=False, sgd_noise_scale=False, summary="torch.optim.AdamW (decoupled weight decay)"),
+        uses_momentum=False, sgd_noise_scale=False, summary="torch.optim.AdamW (decoupled weight decay)",
+        reads=("betas", "eps")),
     "lars": OptimizerSpec(  # `fused` is for torch's optimizers; ours always use foreach ops
         build=lambda groups, o: LARS(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
                                      trust_coefficient=o.trust_coefficient, eps=o.eps),
-        uses_momentum=True, sgd_noise_scale=False, summary="LARS, You et al. 2017"),
+        uses_momentum=True, sgd_noise_scale=False, summary="LARS, You et al. 2017", reads=("eps", "trust_coefficient")),
     "lamb": OptimizerSpec(
         build=lambda groups, o: LAMB(groups, lr=o.lr, betas=o.betas, eps=o.eps),
-        uses_momentum=False, sgd_noise_scale=False, summary="LAMB, You et al. 2019"),
+        uses_momentum=False, sgd_noise_scale=False, summary="LAMB, You et al. 2019", reads=("betas", "eps")),
 }
 OPTIMIZER_NAMES: tuple[str, ...] = tuple(OPTIMIZERS)
 
@@ -303,9 +307,17 @@ def _is_real(x: Any) -> bool:
 
 
 def validate_optimizer_options(name: str, *, momentum: float, weight_decay: float, betas: Sequence[float],
-                               eps: float, trust_coefficient: float, nesterov: bool) -> None:
-    """Raise `ConfigError` (its message starts with the config key) for the first meaningless option."""
+                               eps: float, trust_coefficient: float, nesterov: bool,
+                               defaults: dict[str, Any] | None = None) -> None:
+    """Raise `ConfigError` (its message starts with the config key) for the first meaningless option. `defaults`
+    (the schema's `optimizer.*` defaults): an option the optimizer does not read must keep its default."""
     spec = _spec(name)
+    given = {"betas": [float(x) for x in betas] if isinstance(betas, Sequence) and not isinstance(betas, str)
+             else betas, "eps": eps, "trust_coefficient": trust_coefficient}
+    for key, value in given.items():
+        if defaults is not None and key not in spec.reads and value != defaults[key]:
+            raise ConfigError(f"optimizer.{key}", value, f"not used by {name} (it reads "
+                              f"{', '.join(spec.reads) or 'none of betas, eps, trust_coefficient'}); leave it out")
     if not (_is_real(momentum) and 0 <= momentum < 1):
         raise ConfigError("base.momentum", momentum, "must be in [0, 1)")
     if not (_is_real(weight_decay) and weight_decay >= 0):

@@ -28,10 +28,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lbtrain.catalog import train_size as catalog_train_size
 from lbtrain.config import ConfigError, LRScaling
+from lbtrain.data.registry import train_size as catalog_train_size
 
 SCHEDULES = ("step", "cosine", "linear")
+# A plan longer than this is a typo (epochs=1e9), refused before its per-epoch tables would fill the memory.
+# ImageNet at batch 1 for 10k epochs is ~1.3e10 updates; the largest shipped adapt regime has ~6400 epochs.
+MAX_EPOCHS = 10**6
+MAX_UPDATES = 10**11
 
 
 def _enum_name(value: Any) -> str:
@@ -185,8 +189,34 @@ def momentum_rule(cfg: Any) -> tuple[int, float, float]:
                       "or linear (the LR keeps it)")
 
 
-def make_plan(cfg: Any, train_size: int, world_size: int = 1) -> Plan:
-    """Plan a run: every LR phase, every epoch's batch and number of updates."""
+def check_batch(batch: int, epoch: int, train_size: int, world_size: int = 1, micro_batch: int | None = None,
+                ghost_batch: int | None = None, duplicates: int = 1, configured: bool = True) -> None:
+    """The one place of the batch layout rules, for the batch of each epoch of the plan (the batch the run trains
+    at: `regime.momentum` or a batch schedule may make it differ from `batch=`): copies, data size, processes,
+    micro-batches and ghost batches must divide what they split. ConfigError naming the key on a violation."""
+    what = "batch" if epoch == 0 and configured else f"batch (epoch {epoch})"
+    of_epoch = f" of epoch {epoch}" if epoch else ""
+    if batch % world_size:
+        raise ConfigError("batch", batch, f"must be divisible by the number of processes ({world_size})"
+                          + (f" (epoch {epoch})" if epoch else ""))
+    per_rank = batch // world_size
+    if micro_batch and per_rank % micro_batch:
+        raise ConfigError("micro_batch", micro_batch, f"must divide the per-process batch{of_epoch} ({per_rank})")
+    if ghost_batch:
+        chunk = micro_batch or per_rank
+        if chunk % ghost_batch:
+            part = "micro_batch" if micro_batch else ("per-process batch" if world_size > 1 else "batch")
+            raise ConfigError("ghost_batch", ghost_batch, f"must divide the {part}{of_epoch} ({chunk})")
+    if batch % duplicates:
+        raise ConfigError("duplicates", duplicates, f"must divide the {what} ({batch})")
+    if batch // duplicates > train_size:
+        raise ConfigError("batch", batch, f"exceeds the training set size ({train_size})"
+                          + (f" in distinct samples ({batch // duplicates})" if duplicates > 1 else ""))
+
+
+def make_plan(cfg: Any, train_size: int, world_size: int = 1, max_updates: int | None = MAX_UPDATES) -> Plan:
+    """Plan a run: every LR phase, every epoch's batch and number of updates. A plan of more than MAX_EPOCHS epochs
+    or `max_updates` updates is refused (ConfigError) before its per-epoch tables are built."""
     base, regime = cfg.base, cfg.regime
     shape = _enum_name(getattr(base, "schedule", "step"))
     duplicates = int(getattr(cfg, "duplicates", 1) or 1)
@@ -219,21 +249,22 @@ def make_plan(cfg: Any, train_size: int, world_size: int = 1) -> Plan:
                 lr_phases.append((e, lr_phases[-1][1] / factor))
         phases = lr_phases
 
+    if not math.isfinite(epochs):
+        key, value = ("epochs", cfg.epochs) if cfg.epochs is not None else ("base.epochs", base.epochs)
+        raise ConfigError(key, value, "must be a finite number of epochs")
+    updates = epochs * train_size * duplicates / batch0
+    if epochs > MAX_EPOCHS or (max_updates is not None and updates > max_updates):
+        key, value = ("epochs", cfg.epochs) if cfg.epochs is not None else ("base.epochs", base.epochs)
+        raise ConfigError(key, value, f"gives {epochs:.3g} epochs, about {updates:.3g} updates at batch {batch0} "
+                          f"of {train_size} samples: "
+                          f"more than a plan may have ({MAX_EPOCHS:.0e} epochs, "
+                          f"{max_updates or MAX_UPDATES:.0e} updates)")
     n_epochs = max(math.ceil(epochs - 1e-9), 1)
     batches = expand_batches([[0, batch0], *batch_changes], n_epochs)
     ghost = cfg.ghost_batch if regime.ghost_bn else None
+    micro = getattr(cfg, "micro_batch", None)
     for i, b in enumerate(batches):
-        key = "batch" if i == 0 and b == cfg.batch else f"batch (epoch {i})"
-        if b % duplicates:
-            raise ConfigError("duplicates", duplicates, f"must divide the {key} ({b})")
-        if b // duplicates > train_size:
-            raise ConfigError("batch", b, f"exceeds the training set size ({train_size})"
-                              + (f" in distinct samples ({b // duplicates})" if duplicates > 1 else ""))
-        if b % world_size:
-            raise ConfigError("batch", b, f"(epoch {i}) must be divisible by the number of processes ({world_size})")
-        if ghost and (b // world_size) % ghost:
-            per_rank = b // world_size
-            raise ConfigError("ghost_batch", ghost, f"must divide the per-process batch of epoch {i} ({per_rank})")
+        check_batch(b, i, train_size, world_size, micro, ghost, duplicates, configured=b == cfg.batch)
     starts, steps, update_of = epoch_layout(train_size, batches, duplicates)
 
     total = update_of(epochs)

@@ -1,10 +1,12 @@
 """The one training loop: plan, step, evaluate, log, checkpoint. Read top to bottom, it is what a run does.
 
-`Trainer(cfg, run_dir).setup()` builds everything (data on the device, model, optimizer, the run's state, or all
-of it restored from a checkpoint); `fit()` is the flat loop over epochs and updates. What changes while a run
-trains lives in one object, `RunState`, with `state_dict()` / `load_state_dict()`; the checkpoint is that plus
-the model, the optimizer, w_0 and the RNG states. Extensions (instruments, benchmarks, tests) attach to the
-public `hooks` instead of patching methods.
+`Trainer(prepared).setup()` builds everything a prepared run (`lbtrain.session.prepare`) needs: data on the device,
+model, optimizer, the run's state, or all of it restored from its checkpoint. `fit()` is the flat loop over epochs
+and updates; what happens after an update (divergence, logging, distances, evaluation, checkpoints, preemption)
+is one method, `_after_update`. What changes while a run trains lives in one object, `RunState`, with
+`state_dict()` / `load_state_dict()`; the checkpoint is that plus the model, the optimizer, w_0, the RNG states and
+the instruments' states. Extensions (instruments, benchmarks, tests) attach to the public `hooks` instead of
+patching methods; instruments are plug-ins (`lbtrain.instruments.base`) known only through their protocol.
 """
 
 from __future__ import annotations
@@ -14,12 +16,11 @@ import itertools
 import logging
 import math
 import os
-import signal
 import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,41 +31,25 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 import lbtrain
 from lbtrain import distributed
-from lbtrain.checkpoint import (
-    CHECKPOINT_KEYS,
-    CheckpointError,
-    atomic_write_json,
-    load_checkpoint,
-    save_checkpoint,
-)
-from lbtrain.config import ConfigError, schema_defaults
+from lbtrain.checkpoint import CHECKPOINT_KEYS, CheckpointError, atomic_write_json, load_checkpoint, save_checkpoint
+from lbtrain.config import ConfigError
 from lbtrain.data import load_dataset, make_loaders
+from lbtrain.devices import pick_device
 from lbtrain.ghost_bn import apply_deferred_stats, convert_to_ghost_bn, defer_running_stats
-from lbtrain.identity import describe_diff, diff
-from lbtrain.instruments.probes import attach as attach_instruments
+from lbtrain.instruments import base as instruments
 from lbtrain.metrics import fit_log, log_spaced_steps, weight_distance
 from lbtrain.models import build_model
 from lbtrain.optim import build_optimizer, uses_sgd_noise_scale
-from lbtrain.preflight import Checked, pick_device, preflight
-from lbtrain.regime import Plan
 from lbtrain.results import FINAL, Results
-from lbtrain.rundir import FolderState, check_folder
+from lbtrain.session import Prepared, prepare
+from lbtrain.signals import Interrupted, Preemption
 from lbtrain.tb import TBLogger
 
 log = logging.getLogger("lbtrain")
 
-DIVERGENCE_CHECK_EVERY = 8  # updates between the loop's (sync-free) looks at the training loss
-
-
-class Interrupted(BaseException):
-    """SIGTERM/SIGINT: the run checkpointed and stopped. A BaseException so a multirun stops too."""
-
-    def __init__(self, signum: int):
-        self.signum = signum
-        super().__init__(f"interrupted by {signal.Signals(signum).name}")
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.signum,))  # picklable: sweep launchers return exceptions by pickling
+# Divergence is judged on the mean training loss of fixed blocks of this many updates (updates 8k+1 ... 8k+8, and
+# the last block of a run), whatever `log_every` is: the decision is a function of the run, not of its logging.
+DIVERGENCE_BLOCK = 8
 
 
 def set_determinism(seed: int, deterministic: bool) -> None:
@@ -107,9 +92,11 @@ class RunState:
     # On the device, summed since the last log step: loss * n, correct, n; and the last gradient norm.
     acc: torch.Tensor = field(init=False)
     grad_norm: torch.Tensor = field(init=False)
+    block: torch.Tensor = field(init=False)  # loss * n, n of the current divergence block (DIVERGENCE_BLOCK updates)
 
     def __post_init__(self) -> None:
         self.zero_interval()
+        self.block = torch.zeros(2, device=self.device)
 
     def zero_interval(self) -> None:
         self.acc = torch.zeros(3, device=self.device)
@@ -119,8 +106,9 @@ class RunState:
         return {"step": self.step, "epochs_done": self.epochs_done, "status": self.status,
                 "best_val_error": self.best_val_error, "last_val": dict(self.last_val),
                 "distances": list(self.distances), "wall": self.wall, "images": self.images,
-                "diverged_at": self.diverged_at, "acc": self.acc.detach().clone(),  # torch.save copies them to
-                "grad_norm": self.grad_norm.detach().clone()}  # the host itself (a read here would be a sync)
+                "diverged_at": self.diverged_at,  # tensors: torch.save copies them to the host itself
+                "acc": self.acc.detach().clone(), "grad_norm": self.grad_norm.detach().clone(),  # (a read here
+                "block": self.block.detach().clone()}  # would be a sync)
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         self.step, self.epochs_done, self.status = int(d["step"]), int(d["epochs_done"]), str(d["status"])
@@ -129,6 +117,8 @@ class RunState:
         self.wall, self.images, self.diverged_at = float(d["wall"]), int(d["images"]), d["diverged_at"]
         self.acc = d["acc"].to(self.device)
         self.grad_norm = d["grad_norm"].to(self.device)
+        if "block" in d:  # (checkpoints written before blocks existed: the block starts empty)
+            self.block = d["block"].to(self.device)
 
 
 # ------------------------------------------------------------------------------------------------- hooks
@@ -142,6 +132,8 @@ class Hooks:
       optimizer step); `x`, `y` this process's batch; `log_now` whether this update is a log step.
     - `step_end(trainer)`: after the optimizer step; `trainer.state.step` counts it.
     - `log(trainer, scalars)`: at a log step, with the train/opt scalars just written (host values).
+    - `distance(trainer, step)`: at each point where ||w_t - w_0|| is measured (log-spaced updates, epoch ends).
+    - `flush(trainer)`: before values measured on the device are read back (log points, checkpoints).
     - `epoch_end(trainer, epoch)`: after an epoch's distance, validation and log line.
     """
 
@@ -149,101 +141,71 @@ class Hooks:
     after_backward: list[Callable[..., None]] = field(default_factory=list)
     step_end: list[Callable[..., None]] = field(default_factory=list)
     log: list[Callable[..., None]] = field(default_factory=list)
+    distance: list[Callable[..., None]] = field(default_factory=list)
+    flush: list[Callable[..., None]] = field(default_factory=list)
     epoch_end: list[Callable[..., None]] = field(default_factory=list)
 
 
-# ------------------------------------------------------------------------------------ preemption, faults
-PENDING_SIGNALS: list[int] = []  # signals a launcher's worker received before fit() began (see lbtrain.cli)
-
-
-class Preemption:
-    """SIGTERM / SIGINT / SIGUSR2 while training: finish the update, checkpoint, stop (a second signal exits at
-    once). SIGUSR2 is what SLURM/submitit send before a time limit; a launcher's own handler for it runs after the
-    checkpoint (`chain`). `LBTRAIN_TEST_SIGNAL=SIGKILL@37` sends that signal to this process after update 37
-    (fault injection for tests). Signals recorded in PENDING_SIGNALS before training began stop it at once."""
-
-    SIGNALS = tuple(s for s in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGUSR2", None)) if s is not None)
-
-    def __init__(self) -> None:
-        self.received: list[int] = PENDING_SIGNALS[:1]
-        self.previous: dict[int, Any] = {}
-        spec = os.environ.get("LBTRAIN_TEST_SIGNAL")
-        name, _, step = (spec or "").partition("@")
-        self.fault = (int(getattr(signal, name)), int(step)) if spec else None
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        if self.received:
-            os._exit(128 + signum)
-        self.received.append(signum)
-        log.warning("received %s: stopping after this update (send again to exit at once)",
-                    signal.Signals(signum).name)
-
-    def __enter__(self) -> Preemption:
-        for sig in self.SIGNALS:
-            try:
-                self.previous[sig] = signal.signal(sig, self._handler)
-            except ValueError:  # not the main thread (some launchers): no preemption handling
-                pass
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, old in self.previous.items():
-            signal.signal(sig, old)
-
-    def after_update(self, step: int) -> None:
-        if self.fault and self.fault[1] == step:
-            os.kill(os.getpid(), self.fault[0])
-
-    def requested(self, may_sync: bool, device: torch.device) -> bool:
-        """Whether to stop now. Under DDP every rank must agree, so ranks compare flags at log steps only."""
-        if distributed.env_world().enabled:
-            return may_sync and distributed.broadcast_flag(bool(self.received), device)
-        return bool(self.received)
-
-    def chain(self, signum: int) -> None:
-        previous = self.previous.get(signum)
-        if signum == getattr(signal, "SIGUSR2", None) and callable(previous):
-            previous(signum, None)  # e.g. submitit's requeue, now that the checkpoint is safe
-
-
 class DivergenceMonitor:
-    """Notices a non-finite (or above `diverge_loss`) training loss within DIVERGENCE_CHECK_EVERY updates, whatever
-    `log_every` is, without a host sync: every few updates the device writes a flag into host memory (a
-    non-blocking copy into pinned memory on CUDA, followed by an event), and the loop reads the flag of the
-    previous check once its event has completed: a plain memory read."""
+    """Judges each DIVERGENCE_BLOCK-update block of the training loss (non-finite, or its mean above `diverge_loss`)
+    without a host sync. A sticky flag on the device records whether any block was bad; on the CPU it is read at
+    once, on CUDA a non-blocking copy into pinned memory plus an event lets the loop read it once the copy is done
+    (a divergence is then noticed up to a block late, at the run's last update at once). Under DDP the ranks'
+    flags are combined at log steps (`agreed`), where they synchronise anyway."""
 
     def __init__(self, device: torch.device, limit: float) -> None:
         self.limit = limit
         cuda = device.type == "cuda"
+        self.flag = torch.zeros((), dtype=torch.bool, device=device)
         self.host = torch.zeros(1, dtype=torch.bool, pin_memory=cuda)
         self.view = self.host.numpy()  # read through numpy: no tensor method, no sync
         self.event = torch.cuda.Event() if cuda else None
         self.pending = False
 
-    def check(self, acc: torch.Tensor) -> bool:
-        """acc = [loss sum, correct, n] of the current interval. True once a completed check saw divergence."""
-        if self.pending and self.event is not None and not self.event.query():
-            return False  # the previous check's flag is not in host memory yet
-        if self.pending:
-            self.pending = False
-            if bool(self.view[0]):
-                return True
-        bad = ~torch.isfinite(acc[0]) | (acc[0] > self.limit * acc[2])
-        self.host.copy_(bad.reshape(1), non_blocking=True)
-        if self.event is None:  # on the CPU the copy is done: read it now
+    def accumulate(self, block: torch.Tensor) -> None:
+        """Judge a finished block = [loss sum, samples] on the device (then zero it)."""
+        self.flag |= ~torch.isfinite(block[0]) | (block[0] > self.limit * block[1])
+        block.zero_()
+
+    def check(self, block: torch.Tensor, wait: bool = False) -> bool:
+        """Judge a finished block; True once a block is known to be bad. `wait`: read the verdict now."""
+        self.accumulate(block)
+        if self.event is None:  # on the CPU the copy is done at once: read it through numpy (no tensor method)
+            self.host.copy_(self.flag.reshape(1))
             return bool(self.view[0])
-        self.event.record()
-        self.pending = True
+        if self.pending and (wait or self.event.query()):
+            self.event.synchronize()
+            self.pending = False
+            if self.view[0]:
+                return True
+        if not self.pending:
+            self.host.copy_(self.flag.reshape(1), non_blocking=True)
+            self.event.record()
+            self.pending = True
+            if wait:
+                self.event.synchronize()
+                self.pending = False
+                return bool(self.view[0])
         return False
+
+    def agreed(self) -> bool:
+        """Under DDP: whether any rank saw a bad block (one all-reduce; ranks call it at the same log steps)."""
+        return bool(distributed.all_reduce_sum(self.flag.float().reshape(1)).item() > 0)
 
 
 # ------------------------------------------------------------------------------------------------ trainer
 class Trainer:
-    def __init__(self, cfg: Any, run_dir: str | Path):
-        self.cfg = cfg
-        self.run_dir = Path(run_dir)
+    """One run. `Trainer(prepared)` takes a run prepared by `lbtrain.session.prepare` (what the CLI does); API users
+    (tests, scripts) may pass a composed config and a folder they own instead: it is prepared (without a lock)
+    in `setup()`."""
+
+    def __init__(self, run: Prepared | Any, run_dir: str | Path | None = None):
+        self.prepared: Prepared | None = run if isinstance(run, Prepared) else None
+        self.cfg = run.cfg if isinstance(run, Prepared) else run
+        self.run_dir = run.run_dir if isinstance(run, Prepared) else Path(run_dir)  # type: ignore[arg-type]
         self.dist = distributed.env_world()
-        self.device = pick_device(str(cfg.device), self.dist.local_rank)
+        self.device = self.prepared.device if self.prepared else pick_device(str(self.cfg.device),
+                                                                             self.dist.local_rank)
         self.hooks = Hooks()
 
     @property
@@ -261,6 +223,8 @@ class Trainer:
         """Build the run (or restore it from its checkpoint). Sets process-wide torch state as a run needs it: the
         seed, deterministic algorithms (`deterministic=`), cuDNN autotuning and the thread count (`threads=`)."""
         cfg, dev = self.cfg, self.device
+        if self.prepared is None:
+            self.prepared = prepare(cfg, self.run_dir)
         self.dist = distributed.init(dev)
         set_threads(cfg.threads)
         set_determinism(cfg.seed, cfg.deterministic)
@@ -268,14 +232,9 @@ class Trainer:
             data = load_dataset(cfg.dataset)  # not kept: on CUDA the loaders hold it, on the device
         except ValueError as e:  # a subset that the data's classes cannot fill
             raise ConfigError("dataset.subset", cfg.dataset.subset, str(e)) from None
-        self.checked: Checked = preflight(cfg, self.dist.world, train_size=data.train_size,
-                                          num_classes=data.num_classes, input_shape=data.input_shape,
-                                          local_rank=self.dist.local_rank, check_data=False)
-        self.plan: Plan = self.checked.plan
-        self.identity, self.identity_hash = self.checked.identity, self.checked.identity_hash
-        # the CLI holds the folder's lock; API users (tests, scripts) own their folders
-        self.folder: FolderState = check_folder(self.run_dir, self.identity, schema_defaults(), cfg.resume,
-                                                check_lock=False)
+        p = self.prepared = self.prepared.with_data(data.train_size, data.num_classes, data.input_shape)
+        self.plan, self.identity, self.identity_hash, self.folder = p.plan, p.identity, p.identity_hash, p.folder
+        self.batch, self.bn_batch, self.has_batchnorm = p.batch, p.bn_batch, p.has_batchnorm
         if cfg.duplicates > 1 and not data.augment and not cfg.dataset.cutout:
             log.warning("duplicates=%d without augmentation (dataset.augment=false, no cutout): the copies of a "
                         "sample are identical", cfg.duplicates)
@@ -304,18 +263,17 @@ class Trainer:
         self.autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision.name == "bf16")
         self.state = RunState(dev)
         self._pending: list[tuple[int, torch.Tensor]] = []  # distances measured on the device, not yet read
-        # Under DDP ranks must agree on when to stop, so divergence is only looked at on log steps there.
-        self.monitor = DivergenceMonitor(dev, cfg.diverge_loss) if not self.dist.enabled else None
+        # Under DDP ranks must agree on when to stop, so the blocks are judged at log steps there (all-reduced).
+        self.monitor = DivergenceMonitor(dev, cfg.diverge_loss)
 
         # Accumulating: ghost BN running stats get the one update of the whole step after the last micro-batch.
         self.deferred_bn = defer_running_stats(model) if self.micro_batch and self.plan.ghost_batch else []
-        self.bn_batch = self.checked.bn_batch
-        if not self.plan.ghost_batch and self.bn_batch < cfg.batch and self.checked.has_batchnorm:
+        if not self.plan.ghost_batch and self.bn_batch < self.batch and self.has_batchnorm:
             log.warning("BatchNorm statistics are computed over %d samples (%s), not the batch of %d: this acts like "
                         "ghost batch norm of that size. Recorded as bn_batch in results.json.", self.bn_batch,
-                        "micro_batch" if self.micro_batch else "the per-process share", cfg.batch)
-        self._instrument_state: dict[str, Any] = {}
-        self.resumed_from = None if self.folder.final else self._resume()
+                        "micro_batch" if self.micro_batch else "the per-process share", self.batch)
+        checkpoint = None if self.folder.final else self._resume()
+        self.resumed_from = checkpoint is not None
         self.model = model
         if self.dist.enabled:
             # Buffers are not broadcast from rank 0: each rank updates BN running stats from its own (ghost)
@@ -330,10 +288,11 @@ class Trainer:
         self.distance_steps = log_spaced_steps(self.plan.total_updates)
         per_decade = cfg.eval_per_decade
         self.eval_steps = log_spaced_steps(self.plan.total_updates, per_decade) if per_decade else set()
-        self.probes = attach_instruments(self)
-        for name, probe in self.probes.items():  # an instrument's own state (e.g. the noise scale's averages)
-            if name in self._instrument_state and hasattr(probe, "load_state_dict"):
-                probe.load_state_dict(self._instrument_state[name])
+        self.instruments = instruments.attach(self)
+        saved = (checkpoint or {}).get("instruments") or {}
+        for name, inst in self.instruments.items():  # an instrument's state (e.g. the noise scale's averages)
+            if name in saved:
+                inst.load_state_dict(saved[name])
         if not self.resumed_from and self.dist.main and not self.folder.final:
             # a run killed before its first checkpoint starts over: its points would otherwise be duplicated
             for stale in self.run_dir.glob("events.out.tfevents.*"):
@@ -365,23 +324,20 @@ class Trainer:
                 "model": self.net.state_dict(), "optimizer": self.opt.state_dict(), "w0": self.w0,
                 "state": st.state_dict(), "rng": rng, "identity": self.identity,
                 "identity_hash": self.identity_hash, "plan": self.plan.summary(),
-                "instruments": {n: p.state_dict() for n, p in self.probes.items() if hasattr(p, "state_dict")},
+                "instruments": {name: inst.state_dict() for name, inst in self.instruments.items()},
             }, meta={"identity": self.identity, "identity_hash": self.identity_hash, "status": st.status,
                      "step": st.step, "version": lbtrain.__version__})
 
-    def _resume(self) -> Path | None:
+    def _resume(self) -> dict[str, Any] | None:
         """Restore the run from its own checkpoint, else from `resume=PATH` (a checkpoint of this same run moved
-        elsewhere); None when starting fresh. Any identity difference is refused, listing every differing key."""
+        elsewhere; `prepare` checked that its identity is this run's); None when starting fresh."""
         path = self.ckpt_path if self.ckpt_path.exists() else (Path(self.cfg.resume) if self.cfg.resume else None)
-        if path is None:
+        ckpt = self.prepared.checkpoint if self.prepared else None
+        if ckpt is None and path is None:
             return None
-        if not path.exists():
-            raise ConfigError("resume", str(path), "no such checkpoint file")
-        ckpt = load_checkpoint(path, map_location=self.device, required=CHECKPOINT_KEYS)
-        changes = diff(ckpt["identity"], self.identity, schema_defaults())
-        if changes:
-            raise ConfigError("resume", str(path), "checkpoint belongs to another run: "
-                              + describe_diff(changes, "checkpoint", "this run"))
+        if ckpt is None:  # prepared without verification: load it now
+            ckpt = load_checkpoint(path, required=CHECKPOINT_KEYS)
+        self.prepared = replace(self.prepared, checkpoint=None)  # not kept twice in memory
         self.net.load_state_dict(ckpt["model"])
         self.opt.load_state_dict(ckpt["optimizer"])
         for w, saved in zip(self.w0, ckpt["w0"]):
@@ -391,12 +347,11 @@ class Trainer:
             self.state.status = "running"  # an interrupted (or failed) attempt goes on
         if not self.dist.main:  # rank 0 carries the sums of all ranks (see save)
             self.state.acc.zero_()
-        self._instrument_state = ckpt.get("instruments") or {}
         torch.set_rng_state(ckpt["rng"]["torch"].cpu())
         if ckpt["rng"]["cuda"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), self.device)
         log.info("resuming %s from update %d", path, self.state.step)
-        return path
+        return ckpt
 
     # -------------------------------------------------------------------------------------------- one update
     def train_step(self, x: torch.Tensor, y: torch.Tensor, log_now: bool) -> None:
@@ -419,10 +374,12 @@ class Trainer:
                     loss = F.cross_entropy(out.float(), yc)
                 (loss * (yc.shape[0] / n)).backward()
             acc[0] += loss.detach() * yc.shape[0]
+            self.state.block[0] += loss.detach() * yc.shape[0]
             acc[1] += (out.argmax(1) == yc).sum()
             for hook in self.hooks.micro_backward:
                 hook(self, i, parts, log_now)
         acc[2] += n
+        self.state.block[1] += n
         apply_deferred_stats(self.deferred_bn)
         for hook in self.hooks.after_backward:
             hook(self, x, y, log_now)
@@ -441,7 +398,7 @@ class Trainer:
         net = self.net if not self.cfg.compile else self.model
         totals = torch.zeros(3, device=self.device)  # loss sum, correct, count
         # micro_batch is what fits in memory; without it, at least the training batch does
-        eval_batch = self.micro_batch or max(self.cfg.batch // self.dist.world, 256)
+        eval_batch = self.micro_batch or max(self.batch // self.dist.world, 256)
         for x, y in self.val_loader.eval_batches(eval_batch * self.dist.world, self.dist.rank, self.dist.world):
             with self.autocast:
                 out = net(x)
@@ -451,6 +408,14 @@ class Trainer:
         loss, correct, count = distributed.all_reduce_sum(totals).tolist()
         self.model.train()
         return {"val/loss": loss / count, "val/error": 1.0 - correct / count}
+
+    def validate(self) -> None:
+        """Evaluate now and record it (val/* at this update, best error)."""
+        st = self.state
+        st.last_val = self.evaluate()
+        st.best_val_error = min(st.best_val_error, st.last_val["val/error"])
+        self.tb.scalars(st.step, st.last_val)
+        self._tick = time.perf_counter()  # evaluation time is not training throughput
 
     # ----------------------------------------------------------------------------------------------- logging
     def log_train(self, interval_images: int, interval_time: float) -> float:
@@ -483,12 +448,12 @@ class Trainer:
         last = self._pending[-1][0] if self._pending else (st.distances[-1][0] if st.distances else None)
         if last != st.step:
             self._pending.append((st.step, weight_distance(self.params, self.w0)))
-            if "layer_distance" in self.probes:
-                self.probes["layer_distance"].measure(st.step)
+            for hook in self.hooks.distance:
+                hook(self, st.step)
 
     def flush_distances(self) -> None:
-        if "layer_distance" in self.probes:
-            self.probes["layer_distance"].flush()
+        for hook in self.hooks.flush:
+            hook(self)
         if not self._pending:
             return
         values = torch.stack([d for _, d in self._pending]).tolist()  # one host sync for all of them
@@ -500,100 +465,133 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ the run
     def fit(self) -> dict[str, Any]:
         """Train to the end of the plan (or max_steps); returns results.json's content."""
-        cfg, plan, st = self.cfg, self.plan, self.state
+        st = self.state
         if self.folder.final or st.status in FINAL:
-            # completed/diverged before: nothing is trained, deleted or rewritten (results are rebuilt only when
-            # results.json was lost and the checkpoint knows the outcome)
-            previous = self.folder.results
-            log.info("run already %s (%d updates); nothing to do. Results: %s",
-                     previous.status if previous else st.status, previous.updates if previous else st.step,
-                     self.run_dir / "results.json")
-            return previous.to_dict() if previous else self._write_results()
+            return self._already_done()
         if not self.resumed_from:
-            self.tb.hparams(self.hparams())
+            self.tb.hparams(self.results().hparams())
             self.tb.scalars(0, {"weights/distance": 0.0})
             st.distances.append((0, 0.0))
-        target = self.target_updates
-        start = time.perf_counter() - st.wall  # wall time accumulates over attempts
-        with Preemption() as preempt, self._progress(target) as bar:
+        self._clock = time.perf_counter() - st.wall  # wall time accumulates over attempts
+        with Preemption() as self._preempt, self._progress(self.target_updates) as self._bar:
             try:
                 self.model.train()
-                tick, tick_images = time.perf_counter(), 0
-                for epoch in range(st.epochs_done, plan.num_epochs):
-                    batch = plan.batch_at_epoch(epoch)
-                    end = min(plan.epoch_start[epoch] + plan.epoch_steps[epoch], target)
-                    for x, y in self._batches(epoch, batch, end):
-                        log_now = (st.step + 1) % self.log_every == 0 or st.step + 1 == target
-                        for g in self.opt.param_groups:
-                            g["lr"] = plan.lr_at(st.step)
-                        self.train_step(x, y, log_now)
-                        st.step += 1
-                        tick_images += batch
-                        bar.update(1)
-                        preempt.after_update(st.step)
-                        for hook in self.hooks.step_end:
-                            hook(self)
-                        if (self.monitor and st.step % DIVERGENCE_CHECK_EVERY == 0
-                                and self.monitor.check(st.acc)):
-                            log_now = True  # write the interval's (bad) loss, then stop
-                        if log_now:
-                            now = time.perf_counter()
-                            loss = self.log_train(tick_images, now - tick)
-                            st.images += tick_images
-                            tick, tick_images = now, 0
-                            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{plan.lr_at(st.step - 1):.3g}", batch=batch)
-                            if not math.isfinite(loss) or loss > cfg.diverge_loss:
-                                self._diverged(loss)
-                                break
-                        if st.step in self.distance_steps:
-                            self.log_distance()
-                        if st.step in self.eval_steps and st.step < end:  # (epoch ends validate anyway)
-                            self.validate()
-                            tick = time.perf_counter()  # evaluation time is not training throughput
-                        if st.step < end and self.every_steps and st.step % self.every_steps == 0:
-                            st.wall = time.perf_counter() - start
-                            self.save()
-                        if preempt.requested(log_now, self.device):
-                            raise Interrupted(preempt.received[0] if preempt.received else signal.SIGTERM)
-                    if st.status != "running":
+                self._tick, self._tick_images = time.perf_counter(), 0
+                for epoch in range(st.epochs_done, self.plan.num_epochs):
+                    for x, y in self._batches(epoch):
+                        self._update(x, y)
+                        if not self._after_update():
+                            break
+                    if st.status != "running" or self._end_of_epoch(epoch):
                         break
-                    final = st.step >= target
-                    self._end_of_epoch(epoch, final)
-                    st.epochs_done += 1
-                    tick = time.perf_counter()  # evaluation time is not training throughput
-                    if final:
-                        break
-                    every = cfg.checkpoint.every_epochs
-                    if (every and st.epochs_done % every == 0) or (self.every_steps and
-                                                                   st.step % self.every_steps == 0):
-                        st.wall = time.perf_counter() - start
-                        self.save()
                 if st.status == "running":
                     st.status = "completed"
-                st.images += tick_images
-                st.wall = time.perf_counter() - start
-                self.save()
+                self._checkpoint(final=True)
             except Interrupted as e:
-                st.wall = time.perf_counter() - start
-                st.images += tick_images
                 st.status = "interrupted"
-                self.save()
+                self._checkpoint(final=True)
                 self._write_results()
                 log.warning("interrupted at update %d; checkpoint saved. Re-run the same command to resume.", st.step)
-                preempt.chain(e.signum)
+                self._preempt.chain(e.signum)
                 raise
-        self.tb.hparams(self.hparams(), end=True)
+        self.tb.hparams(self.results().hparams(), end=True)
         if math.isfinite(st.best_val_error):  # a run that diverged before any evaluation has none
             self.tb.scalars(st.step, {"val/best_error": st.best_val_error})
         self.tb.close()
         return self._write_results()
 
-    def _batches(self, epoch: int, batch: int, end: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """This process's batches of `epoch`, from the current update up to update `end`."""
+    def _batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This process's batches of `epoch`, from the current update up to the epoch's end (or the target)."""
         st, plan = self.state, self.plan
+        self._epoch_batch = plan.batch_at_epoch(epoch)
+        self._epoch_last = min(plan.epoch_start[epoch] + plan.epoch_steps[epoch], self.target_updates)
         begin = st.step - plan.epoch_start[epoch]
-        batches = self.train_loader.epoch(epoch, batch, begin, self.dist.rank, self.dist.world)
-        return itertools.islice(batches, max(end - st.step, 0))
+        batches = self.train_loader.epoch(epoch, self._epoch_batch, begin, self.dist.rank, self.dist.world)
+        return itertools.islice(batches, max(self._epoch_last - st.step, 0))
+
+    def _update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """One optimizer update at the plan's LR, counted."""
+        st = self.state
+        self._log_now = (st.step + 1) % self.log_every == 0 or st.step + 1 == self.target_updates
+        for g in self.opt.param_groups:
+            g["lr"] = self.plan.lr_at(st.step)
+        self.train_step(x, y, self._log_now)
+        st.step += 1
+        self._tick_images += self._epoch_batch
+        self._bar.update(1)
+        self._preempt.after_update(st.step)
+        for hook in self.hooks.step_end:
+            hook(self)
+
+    def _after_update(self) -> bool:
+        """Every per-update schedule, in one place: divergence, logging, distance, evaluation, checkpoint,
+        preemption. False when the run stops here (diverged); raises Interrupted when a signal asked to stop."""
+        st, log_now = self.state, self._log_now
+        diverged = False
+        if st.step % DIVERGENCE_BLOCK == 0 or st.step == self.target_updates:
+            if self.dist.enabled:
+                self.monitor.accumulate(st.block)  # ranks agree at log steps (below)
+            else:
+                diverged = self.monitor.check(st.block, wait=st.step == self.target_updates)
+        if self.dist.enabled and log_now:
+            diverged = self.monitor.agreed()
+        if log_now or diverged:  # a diverged interval's (bad) loss is written, then the run stops
+            now = time.perf_counter()
+            loss = self.log_train(self._tick_images, now - self._tick)
+            st.images += self._tick_images
+            self._tick, self._tick_images = now, 0
+            self._bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.plan.lr_at(st.step - 1):.3g}",
+                                  batch=self._epoch_batch)
+            if diverged:
+                self._diverged(loss)
+                return False
+        if st.step in self.distance_steps:
+            self.log_distance()
+        within = st.step < self._epoch_last  # (the epoch's end validates and checkpoints itself)
+        if within and st.step in self.eval_steps:
+            self.validate()
+        if within and self.every_steps and st.step % self.every_steps == 0:
+            self._checkpoint()
+        stop = bool(self._preempt.received)
+        if self.dist.enabled:  # every rank must stop at the same update: they compare flags at log steps
+            stop = log_now and distributed.broadcast_flag(stop, self.device)
+        if stop:
+            raise Interrupted(self._preempt.signum)
+        return True
+
+    def _end_of_epoch(self, epoch: int) -> bool:
+        """Distance, validation, the log line, instruments, the epoch's checkpoint. True at the run's last update."""
+        st, cfg = self.state, self.cfg
+        final = st.step >= self.target_updates
+        self.log_distance()
+        self.flush_distances()
+        if final or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
+            self.validate()
+        if self.dist.main:  # printed above the progress bar in a terminal, always in lbtrain.log
+            val = f" val_err {st.last_val['val/error']:.4f}" if st.last_val else ""
+            log.info("epoch %d/%d update %d/%d lr %.4g batch %d dist %.3f%s", epoch + 1, self.plan.num_epochs,
+                     st.step, self.target_updates, self.plan.lr_at(st.step - 1), self.plan.batch_at(st.step - 1),
+                     st.distances[-1][1], val)
+        for hook in self.hooks.epoch_end:
+            hook(self, epoch)
+        st.epochs_done += 1
+        self._tick = time.perf_counter()  # evaluation time is not training throughput
+        if final:
+            return True
+        every = cfg.checkpoint.every_epochs
+        if (every and st.epochs_done % every == 0) or (self.every_steps and st.step % self.every_steps == 0):
+            self._checkpoint()
+        return False
+
+    def _checkpoint(self, final: bool = False) -> None:
+        """The wall time so far, then a checkpoint; `final` (the run's end, or a stop): the last interval's images
+        are counted too."""
+        st = self.state
+        if final:
+            st.images += self._tick_images
+            self._tick_images = 0
+        st.wall = time.perf_counter() - self._clock
+        self.save()
 
     @contextlib.contextmanager
     def _progress(self, target: int) -> Iterator[tqdm]:
@@ -608,45 +606,25 @@ class Trainer:
         finally:
             bar.close()
 
-    def _end_of_epoch(self, epoch: int, final: bool) -> None:
-        st = self.state
-        self.log_distance()
-        self.flush_distances()
-        every = self.cfg.eval_every
-        if final or (every and (epoch + 1) % every == 0):
-            self.validate()
-        if self.dist.main:  # printed above the progress bar in a terminal, always in lbtrain.log
-            val = f" val_err {st.last_val['val/error']:.4f}" if st.last_val else ""
-            log.info("epoch %d/%d update %d/%d lr %.4g batch %d dist %.3f%s", epoch + 1, self.plan.num_epochs,
-                     st.step, self.target_updates, self.plan.lr_at(st.step - 1), self.plan.batch_at(st.step - 1),
-                     st.distances[-1][1], val)
-        for hook in self.hooks.epoch_end:
-            hook(self, epoch)
-
-    def validate(self) -> None:
-        """Evaluate now and record it (val/* at this update, best error)."""
-        st = self.state
-        st.last_val = self.evaluate()
-        st.best_val_error = min(st.best_val_error, st.last_val["val/error"])
-        self.tb.scalars(st.step, st.last_val)
-
     def _diverged(self, loss: float) -> None:
         self.state.status = "diverged"
         self.state.diverged_at = self.state.step
         self.tb.scalars(self.state.step, {"status/diverged": 1.0})
-        log.error("diverged at update %d: train loss %s (limit diverge_loss=%g); stopping this run",
-                  self.state.step, loss, self.cfg.diverge_loss)
+        log.error("diverged at update %d: train loss %s (limit diverge_loss=%g, judged over blocks of %d updates); "
+                  "stopping this run", self.state.step, loss, self.cfg.diverge_loss, DIVERGENCE_BLOCK)
+
+    def _already_done(self) -> dict[str, Any]:
+        """A completed/diverged run: nothing is trained, deleted or rewritten (results are rebuilt only when
+        results.json was lost and the checkpoint knows the outcome)."""
+        previous, st = self.folder.results, self.state
+        log.info("run already %s (%d updates); nothing to do. Results: %s",
+                 previous.status if previous else st.status, previous.updates if previous else st.step,
+                 self.run_dir / "results.json")
+        return previous.to_dict() if previous else self._write_results()
 
     # ----------------------------------------------------------------------------------------------- results
-    def hparams(self) -> dict[str, Any]:
-        c = self.cfg
-        return {"experiment": c.name, "dataset": c.dataset.name, "batch": c.batch, "regime": c.regime.name,
-                "optimizer": c.optimizer.name,
-                "lr": self.plan.lr, "ghost_batch": self.plan.ghost_batch or 0, "seed": c.seed,
-                "base_batch": c.base.batch, "epochs": self.plan.epochs, "identity": self.identity_hash}
-
     def results(self, status: str | None = None, error: str | None = None) -> Results:
-        c, plan, st = self.cfg, self.plan, self.state
+        plan, st = self.plan, self.state
         first_phase_end = plan.lr_updates[1] if len(plan.lr_updates) > 1 else plan.total_updates
         early = [(t, d) for t, d in st.distances if 1 <= t <= first_phase_end]
         pts = early if len(early) >= 3 else [(t, d) for t, d in st.distances if t >= 1]
@@ -654,13 +632,10 @@ class Trainer:
         e = plan.epoch_of(st.step)  # epochs done = whole epochs + the fraction of a full epoch's updates
         full = plan.train_size // (plan.batch_at_epoch(e) // plan.duplicates)  # updates of a whole epoch e
         done_epochs = e + (st.step - plan.epoch_start[e]) / full
-        return Results(
-            status=status or st.status, error=error, identity=self.identity, identity_hash=self.identity_hash,
-            experiment=c.name, dataset=c.dataset.name, model=c.model.name, regime=c.regime.name,
-            optimizer=c.optimizer.name,
-            batch=c.batch, base_batch=c.base.batch, ghost_batch=plan.ghost_batch, bn_batch=self.bn_batch,
-            seed=c.seed, lr=plan.lr, final_val_error=st.last_val.get("val/error"),
-            final_val_loss=st.last_val.get("val/loss"),
+        measured = {name: inst.results() for name, inst in getattr(self, "instruments", {}).items()}
+        return Results.of_run(
+            status or st.status, self.identity, self.identity_hash, plan.summary(), self.bn_batch, error=error,
+            final_val_error=st.last_val.get("val/error"), final_val_loss=st.last_val.get("val/loss"),
             best_val_error=st.best_val_error if math.isfinite(st.best_val_error) else None,
             updates=st.step, planned_updates=plan.total_updates, target_updates=self.target_updates,
             epochs=round(done_epochs, 4), wall_time_s=round(st.wall, 3),
@@ -668,11 +643,8 @@ class Trainer:
             final_distance=st.distances[-1][1] if st.distances else None,
             # a diverged run's fit describes its blow-up, not diffusion: not reported
             distance_fit={**(fit if st.status != "diverged" else dict.fromkeys(fit)), "points": len(pts)},
-            diverged_at=st.diverged_at, effective=plan.summary(), world_size=self.dist.world,
-            train_size=plan.train_size, version=lbtrain.__version__,
-            gns=self.probes["gns"].results() if "gns" in self.probes else None,
-            sharpness=self.probes["sharpness"].results() if "sharpness" in self.probes else None,
-        )
+            diverged_at=st.diverged_at, world_size=self.dist.world, train_size=plan.train_size,
+            version=lbtrain.__version__, instruments={k: v for k, v in measured.items() if v is not None})
 
     def _write_results(self, status: str | None = None, error: str | None = None) -> dict[str, Any]:
         res = self.results(status, error).to_dict()
@@ -681,9 +653,10 @@ class Trainer:
         return res
 
 
-def run(cfg: Any, run_dir: str | Path) -> dict[str, Any]:
-    """Train one configured run into `run_dir`; failures are recorded in results.json, then re-raised."""
-    trainer = Trainer(cfg, run_dir)
+def run(run: Prepared | Any, run_dir: str | Path | None = None) -> dict[str, Any]:
+    """Train one prepared run (or a config into `run_dir`); failures are recorded in results.json, then
+    re-raised."""
+    trainer = Trainer(run, run_dir)
     try:
         trainer.setup()
     except CheckpointError as e:

@@ -9,7 +9,7 @@ streaming back to back (so each epoch's up-front draws are paid as in training):
 each as ``today`` (duplicates=1, cutout=0), ``dup4`` (duplicates=4: same total batch, a quarter as many
 distinct samples), ``cutout8`` and ``dup4+cutout8``. Variants alternate within each of ``--repeats`` rounds
 and the best round is kept; ratios are to ``today``. With ``--ref REV`` ``today`` is the loader of
-lbtrain/data.py at git revision REV (loaded from ``git show``) and ``default`` this tree's loader with the
+``lbtrain.data`` at git revision REV (loaded from ``git archive``) and ``default`` this tree's loader with the
 default options (bit-identical output, see tests/test_data.py), and ratios are given to both; without it
 ``today`` is this tree's default loader. Data are random uint8 (the loader's cost does not depend on pixel
 values). Other processes on the machine add noise: compare ratios measured in one run; ``--clock cpu`` times
@@ -23,11 +23,13 @@ Usage: ``python scripts/bench_loader.py [--ref HEAD] [--device cpu] [--threads 2
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
+import io
 import itertools
 import json
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
@@ -50,16 +52,24 @@ WORKLOADS = {  # name: (shape, train samples, batch, crop + flip)
 
 
 def load_ref(rev: str) -> ModuleType:
-    """lbtrain/data.py as of git revision `rev`, imported as a separate module."""
-    src = subprocess.run(["git", "show", f"{rev}:lbtrain/data.py"], cwd=_ROOT, check=True, capture_output=True,
-                         text=True).stdout
-    path = Path(tempfile.mkdtemp()) / "lbtrain_data_ref.py"
-    path.write_text(src)
-    spec = importlib.util.spec_from_file_location("lbtrain_data_ref", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
+    """`lbtrain.data` as of git revision `rev` (a module lbtrain/data.py or the package lbtrain/data/), imported
+    from that revision's whole `lbtrain` tree, so its own imports are of that revision too."""
+    archive = subprocess.run(["git", "archive", rev, "lbtrain"], cwd=_ROOT, check=True, capture_output=True).stdout
+    tree = tempfile.mkdtemp()
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(tree)
+    ours = {k: m for k, m in sys.modules.items() if k == "lbtrain" or k.startswith("lbtrain.")}
+    for k in ours:  # import the revision's lbtrain under the same name, then put this tree's back
+        del sys.modules[k]
+    sys.path.insert(0, tree)
+    try:
+        module = importlib.import_module("lbtrain.data")
+        module.DeviceLoader  # noqa: B018 - resolved now: a package resolves it lazily, from the revision's tree
+    finally:
+        sys.path.remove(tree)
+        for k in [k for k in sys.modules if k == "lbtrain" or k.startswith("lbtrain.")]:
+            del sys.modules[k]
+        sys.modules.update(ours)
     return module
 
 

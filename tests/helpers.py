@@ -90,9 +90,9 @@ def run_main(*args: str, cwd: Path, env: dict[str, str] | None = None) -> Ran:
 
 
 def scalars(run_dir: Path | str, every_write: bool = False) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar series of a run folder, through the package's reader (`lbtrain.report.read_all_scalars`;
+    """Every scalar series of a run folder, through the package's reader (`lbtrain.analysis.runs.read_all_scalars`;
     TensorBoard's own reader underneath). `every_write=True` keeps a step written twice (duplicate checks)."""
-    from lbtrain.report import read_all_scalars
+    from lbtrain.analysis.runs import read_all_scalars
 
     return read_all_scalars(run_dir, every_write=every_write)
 
@@ -213,21 +213,18 @@ def make_run(root: Path, *overrides: str, status: str = "completed", error: floa
         w.close()
     schedule = [[i, b] for i, b in enumerate(epoch_batches) if i == 0 or b != epoch_batches[i - 1]]
     plan = make_plan(cfg, TRAIN_SIZE).summary()  # the regime's real LR schedule
-    res = Results(
-        status=status, identity=ident, identity_hash=identity_hash(ident, schema_defaults()),
-        experiment=cfg.name, dataset=cfg.dataset.name, model=cfg.model.name, regime=cfg.regime.name,
-        batch=batch, base_batch=int(cfg.base.batch), ghost_batch=int(cfg.ghost_batch) if cfg.regime.ghost_bn else None,
-        bn_batch=int(cfg.ghost_batch) if cfg.regime.ghost_bn else batch, seed=int(cfg.seed), lr=plan["lr"],
+    effective = {"lr": plan["lr"], "epochs": float(len(epoch_batches)), "updates": planned, "train_size": TRAIN_SIZE,
+                 "batch_schedule": schedule, "lr_schedule": plan["lr_schedule"], "ghost_batch": plan["ghost_batch"],
+                 "warmup_updates": plan["warmup_updates"]}
+    res = Results.of_run(
+        status, ident, identity_hash(ident, schema_defaults()), effective,
+        bn_batch=int(cfg.ghost_batch) if cfg.regime.ghost_bn else batch,
         final_val_error=error, final_val_loss=0.3, best_val_error=error, updates=done, planned_updates=planned,
         target_updates=done, epochs=float(len(epoch_batches)) * done / planned, wall_time_s=1.5,
         images_per_sec=1000.0, final_distance=a + b * float(np.log(max(done, 1))),
         distance_fit=({"a": a, "b": b, "r2": 1.0, "points": done} if with_fit
                       else {"a": None, "b": None, "r2": None, "points": 0}),
-        diverged_at=diverged_at,
-        effective={"lr": plan["lr"], "epochs": float(len(epoch_batches)), "updates": planned,
-                   "train_size": TRAIN_SIZE, "batch_schedule": schedule, "lr_schedule": plan["lr_schedule"],
-                   "warmup_updates": plan["warmup_updates"]},
-        train_size=TRAIN_SIZE, error="RuntimeError: boom" if status == "failed" else None,
+        diverged_at=diverged_at, train_size=TRAIN_SIZE, error="RuntimeError: boom" if status == "failed" else None,
     )
     for k, v in fields.items():
         setattr(res, k, v)

@@ -47,6 +47,16 @@ BAD_INPUTS = [
     (["sharpness.every_epochs=-1"], "sharpness.every_epochs=-1: must be an integer >= 0"),
     (["sharpness.every_epochs=1", "sharpness.samples=5000"], "sharpness.samples=5000: must be at most the 1536"),
     (["eval_per_decade=-2"], "eval_per_decade=-2: must be an integer >= 0"),
+    # the adversarial pass (issue: what a new user and a deliberate pass of bad use still hit)
+    (["base.milestones=[nan]"], "base.milestones=[nan]: must be epochs >= 0"),
+    (["base.milestones=[inf]"], "base.milestones=[inf]: must be epochs >= 0"),
+    (["seed=99999999999999999999"], "seed=99999999999999999999: must be an integer in [0, 2^63)"),
+    (["epochs=1e9"], "more than a plan may have"),
+    (["epochs=1e12"], "more than a plan may have"),
+    (["regime.momentum=0.9428571428571428", "micro_batch=8"], "micro_batch=8: must divide the per-process batch (28)"),
+    (["gns=2"], "gns='2': must be true or false"),
+    (["optimizer=sgd", "optimizer.betas=[0.5,0.5]"], "optimizer.betas=[0.5, 0.5]: not used by sgd"),
+    (["optimizer=lars", "optimizer.betas=[0.5,0.5]"], "optimizer.betas=[0.5, 0.5]: not used by lars"),
 ]
 
 

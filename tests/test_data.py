@@ -13,6 +13,7 @@ import torch
 from helpers import SHARED_DATA, skip_md5, write_cifar, write_idx
 
 from lbtrain import data as D
+from lbtrain.data import loaders as L  # the loaders' private helpers, for reference implementations
 
 SHARED = SHARED_DATA
 
@@ -306,10 +307,10 @@ def _todays_epoch(x, y, mean, std, *, augment: bool, seed: int, epoch: int, batc
     """DeviceLoader.epoch as it was before `duplicates` and `cutout` (commit e73f32c), kept here as the reference
     that `duplicates=1, cutout=0` must reproduce bit for bit."""
     n, _, h, w = x.shape
-    scale, shift = D._affine(mean, std, torch.device("cpu"), dtype)
+    scale, shift = L._affine(mean, std, torch.device("cpu"), dtype)
     rows_, cols_ = torch.arange(h), torch.arange(w)
     chan = torch.arange(x.shape[1]).view(1, -1, 1, 1)
-    g = torch.Generator().manual_seed(D._epoch_seed(seed, epoch))
+    g = torch.Generator().manual_seed(L._epoch_seed(seed, epoch))
     perm = torch.randperm(n, generator=g)
     if augment:
         dy = torch.randint(0, 2 * D.PAD + 1, (n,), generator=g)
@@ -510,7 +511,7 @@ def test_ghost_bn_on_duplicated_batch_matches_per_ghost_reference() -> None:
 def _expected_cut(dl: D.DeviceLoader, epoch: int, batch: int) -> list[torch.Tensor]:
     """(b, H, W) bool cutout squares of each step, from the documented draw order, by plain loops."""
     total = dl.n * dl.duplicates
-    g = torch.Generator().manual_seed(D._epoch_seed(dl.seed, epoch))
+    g = torch.Generator().manual_seed(L._epoch_seed(dl.seed, epoch))
     torch.randperm(dl.n, generator=g)
     if dl.augment:
         torch.randint(0, 9, (total,), generator=g), torch.randint(0, 9, (total,), generator=g)

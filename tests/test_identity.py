@@ -21,9 +21,9 @@ from helpers import CONFIG_DIR, make_cfg, only_run, read_json_strict, run_cli, r
 from hydra import compose, initialize_config_dir
 
 from lbtrain.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from lbtrain.cli import JobInterrupted, run_folder_name
+from lbtrain.cli import run_folder_name
 from lbtrain.config import ConfigError, DatasetNotFoundError, resolved, schema_defaults
-from lbtrain.identity import RUN_ONLY, canonical, diff, flatten, identity, identity_hash
+from lbtrain.identity import canonical, diff, flatten, identity, identity_hash, run_only
 from lbtrain.results import ResultsError
 from lbtrain.rundir import RunFolderError
 from lbtrain.trainer import Interrupted, Trainer
@@ -53,7 +53,7 @@ def test_run_only_keys_are_not_identity():
                      "dataset.subset=500", "epochs=2", "optimizer=lars", "optimizer.eps=1e-6",
                      "base.schedule=cosine", "regime.momentum=0.95", "duplicates=2", "dataset.cutout=4"):
         assert ident(override) != base, override
-    assert set(flatten(base)) & {k for k in RUN_ONLY} == set()
+    assert set(flatten(base)) & set(run_only()) == set()
 
 
 def test_micro_batch_is_identity_only_without_ghost_bn():
@@ -96,7 +96,7 @@ def test_user_errors_survive_pickling():
     """Sweep launchers (joblib, submitit) return a job's exception by pickling it."""
     errors = [ConfigError("batch", 40, "must be divisible"), ConfigError("model.kwargs", {"a": object()}, "bad"),
               DatasetNotFoundError("MNIST not found"), CheckpointError("corrupt"), RunFolderError("locked"),
-              ResultsError("holds list"), Interrupted(signal.SIGINT), JobInterrupted(signal.SIGTERM)]
+              ResultsError("holds list"), Interrupted(signal.SIGINT), Interrupted(signal.SIGTERM)]
     for e in errors:
         back = pickle.loads(pickle.dumps(e))
         assert type(back) is type(e) and str(back) == str(e)
@@ -178,7 +178,7 @@ def joblib_launcher():
 
 def test_joblib_sweep_survives_a_bad_job(tmp_path, joblib_launcher):
     p = run_cli("-m", "hydra/launcher=local", "batch=40,16", "seed=0,1", "regime=gbn", "max_steps=5",
-                cwd=tmp_path)
+                "skip_bad_jobs=true", cwd=tmp_path)
     assert p.returncode == 1 and "un-serialize" not in p.stderr
     assert "some jobs of the multirun failed; first failure: ghost_batch=16: must divide the batch (40)" in p.stderr
     res = {f.parent.name: read_json_strict(f) for f in tmp_path.rglob("results.json")}
@@ -188,7 +188,8 @@ def test_joblib_sweep_survives_a_bad_job(tmp_path, joblib_launcher):
     assert all(r["identity_hash"] for r in res.values())
 
 
-def test_ctrl_c_stops_a_joblib_sweep_with_checkpoints(tmp_path, joblib_launcher):
+@pytest.mark.parametrize("to_group", [True, False], ids=["process_group", "parent_alone"])
+def test_ctrl_c_stops_a_joblib_sweep_with_checkpoints(tmp_path, joblib_launcher, to_group):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("LBTRAIN_TEST_SIGNAL", None)
     p = subprocess.Popen([sys.executable, "-m", "lbtrain", "-m", "hydra/launcher=local", "epochs=100",
@@ -198,7 +199,10 @@ def test_ctrl_c_stops_a_joblib_sweep_with_checkpoints(tmp_path, joblib_launcher)
     deadline = time.time() + 90
     while len(list(root.glob("*/checkpoint.pt"))) < 2 and time.time() < deadline:
         time.sleep(0.2)
-    os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
+    if to_group:
+        os.killpg(p.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
+    else:
+        os.kill(p.pid, signal.SIGINT)  # `kill -INT` of the lbtrain -m process alone: it forwards to the workers
     out, err = p.communicate(timeout=90)
     assert p.returncode == 128 + signal.SIGINT, err[-2000:]
     assert "Traceback" not in err

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from helpers import make_cfg, read_json_strict, scalars
 from torch.func import functional_call
 
-from lbtrain.instruments.probes import SHARPNESS_SEED
+from lbtrain.instruments.sharpness import SHARPNESS_SEED
 from lbtrain.trainer import Trainer
 
 # Dropout, augmentation and plain BatchNorm: every way a measurement could leak into training.
@@ -48,7 +48,7 @@ def test_instruments_never_change_training(tmp_path, extra):
     for k in a:  # weights and BatchNorm running statistics, bit for bit
         assert torch.equal(a[k], b[k]), k
     assert res["gns"]["trace_cov"] is not None and res["sharpness"]["hvps"] > 0
-    assert not any(vars(off.hooks).values()) and off.probes == {}  # off: nothing attached, nothing extra done
+    assert not any(vars(off.hooks).values()) and off.instruments == {}  # off: nothing attached, nothing extra done
 
 
 def test_instruments_report_what_they_measure(tmp_path):

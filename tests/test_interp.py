@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from helpers import SHARED_DATA, make_cfg, run_cli
 from torch import nn
 
-from lbtrain import interp
+from lbtrain.analysis import interp
 from lbtrain.trainer import Trainer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -178,10 +178,10 @@ def test_mismatched_models_are_refused_in_one_line_and_nothing_is_written(runs, 
     assert not out.exists() and _listing(runs["a"], runs["c"]) == before
 
 
-def test_python_m_lbtrain_interp_refuses_mismatched_models(runs, tmp_path):
+def test_python_m_lbtrain_analysis_interp_refuses_mismatched_models(runs, tmp_path):
     """The module runs as a program; a refusal is one line on stderr, exit code 2, no traceback."""
     proc = run_cli(str(runs["a"]), str(runs["c"]), "--out", str(tmp_path / "out"), cwd=tmp_path,
-                   module="lbtrain.interp")
+                   module="lbtrain.analysis.interp")
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and "model.kwargs.hidden: 128 (RUN_A) vs 64 (RUN_B)" in proc.stderr
     assert not (tmp_path / "out").exists()

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from helpers import make_cfg, make_run, scalars
 
-from lbtrain import report
+from lbtrain.analysis import report
 from lbtrain.checkpoint import load_checkpoint
 from lbtrain.models import build_model
 from lbtrain.trainer import Trainer

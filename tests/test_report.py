@@ -1,5 +1,5 @@
-"""lbtrain.report on run folders as the trainer writes them: results.json (real identities) plus real TensorBoard
-event files. Every number must come from exactly one configuration."""
+"""lbtrain.analysis.report on run folders as the trainer writes them: results.json (real identities) plus real
+TensorBoard event files. Every number must come from exactly one configuration."""
 
 from __future__ import annotations
 
@@ -10,12 +10,15 @@ import statistics
 import sys
 from pathlib import Path
 
+import matplotlib.colors
 import matplotlib.image
+import numpy as np
 import pytest
 from helpers import make_run, read_json_strict
 from torch.utils.tensorboard import SummaryWriter
 
-from lbtrain import report
+from lbtrain.analysis import report, tables
+from lbtrain.analysis import runs as runs_io  # (tests name their lists of runs `runs`)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -67,7 +70,7 @@ def test_table1_shape_and_values(sweep: Path):
 
     # Written tables: the CSV holds the same cells, the Markdown is a pipe table with a header rule.
     out = sweep / "report"
-    files = report.write_tables({"table1": rows, "runs": long}, out)
+    files = tables.write_tables({"table1": rows, "runs": long}, out)
     assert {f.name for f in files} == {"table1.md", "table1.csv", "runs.md", "runs.csv"}
     with open(out / "table1.csv") as f:
         assert [dict(r) for r in csv.DictReader(f)] == [{k: str(v) for k, v in r.items()} for r in rows]
@@ -163,10 +166,10 @@ def test_read_scalars_honours_purge(tmp_path: Path):
     for t in range(30, 40):
         w.add_scalar("train/loss", 2.0, t)
     w.close()
-    points = report.read_scalars(tmp_path, "train/loss")
+    points = runs_io.read_scalars(tmp_path, "train/loss")
     assert [s for s, _ in points] == list(range(40))
     assert {v for s, v in points if s >= 30} == {2.0}
-    assert report.read_scalars(tmp_path, "no/such_tag") == []
+    assert runs_io.read_scalars(tmp_path, "no/such_tag") == []
 
 
 def test_epochs_from_batch_size(tmp_path: Path):
@@ -174,8 +177,8 @@ def test_epochs_from_batch_size(tmp_path: Path):
     # Smith et al.: 64 updates of 16 (one epoch of 1024), 32 of 32, 16 of 64; opt/* logged every 20 updates
     grow = make_run(tmp_path, "regime=batch_increase", epoch_batches=[16, 32, 64], log_every=20)
     runs = {r.path: r for r in report.find_runs([tmp_path])}
-    assert list(report.epochs_at(runs[const], [0, 16, 32, 64])) == pytest.approx([0, 0.5, 1.0, 2.0])
-    epochs = report.epochs_at(runs[grow], [32, 64, 80, 96, 104, 112])
+    assert list(runs_io.epochs_at(runs[const], [0, 16, 32, 64])) == pytest.approx([0, 0.5, 1.0, 2.0])
+    epochs = runs_io.epochs_at(runs[grow], [32, 64, 80, 96, 104, 112])
     assert list(epochs) == pytest.approx([0.5, 1, 1.5, 2, 2.5, 3])
 
     # a fractional last epoch (epochs=1.5: 32 + 16 updates of 32) counts in whole-epoch units
@@ -185,14 +188,14 @@ def test_epochs_from_batch_size(tmp_path: Path):
     res.update(epochs=2.0, updates=48)  # what the trainer reports for a partial last epoch
     res_path.write_text(json.dumps(res))
     (run,) = report.find_runs([const])
-    assert list(report.epochs_at(run, [32, 40, 48])) == pytest.approx([1.0, 1.25, 1.5])
+    assert list(runs_io.epochs_at(run, [32, 40, 48])) == pytest.approx([1.0, 1.25, 1.5])
 
     # no training-set size: a constant batch, step * epochs / updates
     res["train_size"] = None
     res["effective"].pop("train_size")
     res_path.write_text(json.dumps(res))
     (run,) = report.find_runs([const])
-    assert list(report.epochs_at(run, [24, 48])) == pytest.approx([1.0, 2.0])
+    assert list(runs_io.epochs_at(run, [24, 48])) == pytest.approx([1.0, 2.0])
 
 
 def check_png(path: Path) -> None:
@@ -211,6 +214,8 @@ def test_figures(sweep: Path, tmp_path: Path):
         assert len(curves) == len(with_events)
         assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title()
         assert ax.get_xscale() == "log"  # large batches make few updates: a linear axis squeezes them
+        # errors that fall from 0.5 to 0.02 differ by their ratio: a log axis shows the late differences
+        assert ax.get_yscale() == ("log" if name == "val_error_updates" else "linear")
         labels = {t.get_text() for t in ax.get_legend().get_texts()}
         assert {"B=64 adapt", "B=128 sqrt_lr (diverged)"} <= labels
     assert min(report.make_figure(runs, "distance").axes[0].get_lines()[0].get_xdata()) >= 1  # no step 0
@@ -257,15 +262,24 @@ def test_coinciding_curves_are_drawn_once(tmp_path: Path):
     assert len(ax.get_lines()) == 2
 
 
-def test_seeds_share_a_colour_and_a_legend_entry(tmp_path: Path):
-    make_run(tmp_path, "batch=64", "regime=adapt")
-    make_run(tmp_path, "batch=64", "regime=adapt", "seed=1")
+def test_seeds_are_one_mean_curve_with_a_min_max_band(tmp_path: Path):
+    make_run(tmp_path, "batch=64", "regime=adapt", dist_ab=(0.5, 2.0))
+    make_run(tmp_path, "batch=64", "regime=adapt", "seed=1", dist_ab=(0.5, 4.0))
     make_run(tmp_path, "batch=128", "seed=3", status="diverged", diverged_at=8)
-    ax = report.make_figure(report.find_runs([tmp_path]), "val_error_updates").axes[0]
+    runs = report.find_runs([tmp_path])
+    ax = report.make_figure(runs, "val_error_updates").axes[0]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["B=64 adapt (2 seeds)",
                                                                    "B=128 baseline (diverged)"]
     lines = [ln for ln in ax.get_lines() if ln.get_marker() != "x"]
-    assert len(lines) == 3 and lines[0].get_color() == lines[1].get_color() != lines[2].get_color()
+    assert len(lines) == 2 and lines[0].get_color() != lines[1].get_color()  # one line for the two seeds
+    ax = report.make_figure(runs, "distance").axes[0]
+    mean = ax.get_lines()[0]
+    t = mean.get_xdata()
+    assert list(mean.get_ydata()) == pytest.approx(list(0.5 + 3.0 * np.log(t)))  # the seeds' mean
+    (band,) = ax.collections  # from the smaller seed's distance to the larger's, in the line's colour
+    low, high = band.get_paths()[0].vertices[:, 1].min(), band.get_paths()[0].vertices[:, 1].max()
+    assert low == pytest.approx(0.5 + 2.0 * np.log(t.min())) and high == pytest.approx(0.5 + 4.0 * np.log(t.max()))
+    assert tuple(band.get_facecolor()[0][:3]) == pytest.approx(matplotlib.colors.to_rgb(mean.get_color()))
 
 
 def test_cli(sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
@@ -298,13 +312,103 @@ def test_every_results_json_is_strict_json(sweep: Path):
 
 
 def test_cli_without_results(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):
-    assert report.main([str(tmp_path)]) == 1
+    """An empty or a missing folder is a user mistake: one line, exit code 2, nothing written."""
+    assert report.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "no results.json" in err and "Traceback" not in err
+    assert err.count("\n") == 1 and "error: no results.json" in err and "Traceback" not in err
     assert not (tmp_path / "report").exists()
-    # `python -m lbtrain.report` exits with main's code (run in-process: a subprocess would re-import torch)
+    assert report.main([str(tmp_path / "nothing"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nothing: no such file or folder" in err and not (tmp_path / "out").exists()
+    # `python -m lbtrain.analysis.report` exits with main's code (run in-process: a subprocess would re-import torch)
     monkeypatch.setattr(sys, "argv", ["lbtrain-report", str(tmp_path / "nothing")])
-    monkeypatch.delitem(sys.modules, "lbtrain.report")  # run it fresh as __main__, as `python -m` does
+    monkeypatch.delitem(sys.modules, "lbtrain.analysis.report")  # run it fresh as __main__, as `python -m` does
     with pytest.raises(SystemExit) as exit_info:
-        runpy.run_module("lbtrain.report", run_name="__main__")
-    assert exit_info.value.code == 1 and "no results.json" in capsys.readouterr().err
+        runpy.run_module("lbtrain.analysis.report", run_name="__main__")
+    assert exit_info.value.code == 2 and "no such file or folder" in capsys.readouterr().err
+
+
+def test_regime_labels_and_order_come_from_the_presets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Table 1's column names and order are the presets' `label:` and `rank:`, not a list in the code."""
+    from lbtrain.analysis import regimes
+
+    assert [regimes.label(r) for r in ("baseline", "sqrt_lr", "gbn", "adapt", "linear")] == [
+        "LB", "+LR", "+GBN", "+RA", "linear"]  # the shipped presets; no label: the name
+    runs_dir = tmp_path / "runs"
+    make_run(runs_dir, events=False)
+    for regime in ("baseline", "adapt", "linear"):
+        make_run(runs_dir, "batch=64", f"regime={regime}", events=False)
+    configs = tmp_path / "configs"
+    (configs / "regime").mkdir(parents=True)
+    for name, extra in (("baseline", "label: Large\nrank: 2"), ("adapt", "rank: 0"), ("linear", "label: Goyal")):
+        (configs / "regime" / f"{name}.yaml").write_text(f"name: {name}\n{extra}\n")
+    monkeypatch.setattr(regimes, "config_dir", lambda: str(configs))
+    regimes.presets.cache_clear()
+    try:
+        (row,) = report.table1(report.find_runs([runs_dir]))
+        # ranked first (adapt 0, baseline 2), then the unranked one; a preset without a label shows its name
+        assert list(row)[4:] == ["B_S baseline", "adapt", "Large", "Goyal"]
+    finally:
+        regimes.presets.cache_clear()
+
+
+def test_different_runs_never_share_a_legend_label(tmp_path: Path):
+    """Recipes at one batch and regime that differ elsewhere (epochs, a warm-up): the labels name what differs."""
+    make_run(tmp_path, "batch=64", "epochs=1")
+    make_run(tmp_path, "batch=64", "epochs=2")
+    make_run(tmp_path, "batch=64", "regime=sqrt_lr")
+    make_run(tmp_path, "batch=64", "regime=sqrt_lr", "regime.warmup_epochs=1")
+    ax = report.make_figure(report.find_runs([tmp_path]), "val_error_updates").axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert len(labels) == 4 and len(set(labels)) == 4, labels
+    assert sum(label.startswith("B=64 baseline (") for label in labels) == 2, labels
+    assert sum(label.startswith("B=64 sqrt_lr (") for label in labels) == 2, labels
+    assert any("epochs=1" in label for label in labels) and any("warmup_epochs=1" in label for label in labels)
+
+
+def test_tables_show_the_epochs_planned_and_done_and_regime_options(tmp_path: Path):
+    """runs.md keeps the identity's epochs (the plan) apart from results.json's (the epochs done), and names the
+    regime option in which two runs of one regime differ."""
+    make_run(tmp_path, "epochs=1", epoch_batches=[16])
+    make_run(tmp_path, "epochs=2", "batch=32", "regime=sqrt_lr", status="diverged", error=None, diverged_at=5,
+             updates=5)
+    make_run(tmp_path, "epochs=2", "batch=32", "regime=sqrt_lr", "regime.warmup_epochs=1")
+    runs = report.find_runs([tmp_path])
+    long = report.long_table(runs)
+    assert [(r["epochs"], r["epochs_done"]) for r in long] == [("1.0", 1.0), ("2.0", pytest.approx(2 * 5 / 64)),
+                                                                ("2.0", 2.0)]
+    assert [r["regime.warmup_epochs"] for r in long] == ["0.0", "0.0", "1.0"]
+    assert "regime.lr_scaling" not in long[0]  # how regimes differ from each other is their name
+    agg = report.aggregate_table(runs)
+    assert [(r["epochs"], r["regime.warmup_epochs"]) for r in agg] == [("1.0", "0.0"), ("2.0", "0.0"),
+                                                                        ("2.0", "1.0")]
+    assert "epochs_done" in agg[0]
+
+
+def test_no_run_leaves_table1_silently(tmp_path: Path, capsys: pytest.CaptureFixture):
+    """A batch below the recipe's, a copy, and small-batch runs of other regimes: each has a cell or is listed
+    under Table 1 with the reason."""
+    root = tmp_path / "runs"
+    make_run(root, error=0.05)
+    make_run(root, "batch=64", error=0.1)
+    make_run(root, "batch=8", error=0.2)  # below B_S = 16
+    make_run(root, error=0.05, folder="copy")  # a second folder with the same configuration and seed
+    make_run(root, "regime=sqrt_lr", error=0.05)  # r = 1: the B_S recipe itself
+    # at B_S, but another recipe (the baseline with its batch growing): a row of its own, not dropped
+    make_run(root, "regime.batch_increase=true", epoch_batches=[16, 32], error=0.07)
+    runs = report.find_runs([root])
+    rows = report.table1(runs)
+    assert [(r["B_S"], r["B_L"]) for r in rows] == [(16, 16), (16, 64)]
+    assert [k for k, v in rows[0].items() if v == "93.00"] == ["LB (regime.batch_increase=true)"]
+    omitted = {(r["batch"], r["regime"], r["status"]): r["reason"] for r in report.table1_omitted(runs)}
+    assert set(omitted) == {(8, "baseline", "completed"), (16, "baseline", "duplicate"),
+                            (16, "sqrt_lr", "completed")}
+    assert "below the recipe's B_S = 16" in omitted[(8, "baseline", "completed")]
+    assert "duplicate of" in omitted[(16, "baseline", "duplicate")]
+    assert "B_S baseline's recipe" in omitted[(16, "sqrt_lr", "completed")]
+    out = tmp_path / "out"
+    assert report.main([str(root), "--out", str(out), "--no-figures"]) == 0
+    md = (out / "table1.md").read_text()
+    assert report.OMITTED_TITLE in md and "below the recipe's B_S" in md and md in capsys.readouterr().out
+    with open(out / "table1.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)  # the CSV stays one table

@@ -1,4 +1,4 @@
-"""The report's scaling section on hand-made run folders with known crossing points (lbtrain.scaling)."""
+"""The report's scaling section on hand-made run folders with known crossing points (lbtrain.analysis.scaling)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from helpers import TRAIN_SIZE, make_run
 from torch.utils.tensorboard import SummaryWriter
 
-from lbtrain import report, scaling
+from lbtrain.analysis import report, scaling
 
 
 def first_crossing(batch: int, target: float) -> int | None:

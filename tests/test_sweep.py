@@ -9,7 +9,7 @@ import pytest
 from helpers import ROOT, make_cfg, run_cli, run_main
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lbtrain import report
+from lbtrain.analysis import report
 
 
 def test_two_batches_by_two_regimes(tmp_path):

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import io
 import itertools
 import math
 import re
@@ -67,6 +66,9 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import lbtrain
+from lbtrain.analysis.figures import INSIDE, log_axes, new_figure, png_bytes, style_axes
+from lbtrain.analysis.runs import Run, read_run, recorded_config
+from lbtrain.results import ResultsError
 
 PROG = "lbtrain-interp"
 DEFAULT_ALPHAS = "-1:2:31"
@@ -81,7 +83,7 @@ COLUMNS = ("alpha", "train_loss", "train_error", "val_loss", "val_error")
 # choice: runs with and without it are comparable)
 DATASET_KEYS_IGNORED = ("augment", "workers", "root", "download")
 
-__all__ = ["InterpError", "Run", "Point", "Setup", "parse_alphas", "load_run", "check_compatible", "prepare",
+__all__ = ["InterpError", "Endpoint", "Point", "Setup", "parse_alphas", "load_run", "check_compatible", "prepare",
            "interpolate_state", "recompute_bn", "evaluate", "interpolate", "csv_text", "make_figure", "write_outputs",
            "build_parser", "main"]
 
@@ -120,18 +122,28 @@ def parse_alphas(text: str) -> list[float]:
 
 
 @dataclass
-class Run:
-    """What interpolation needs from a run folder."""
+class Endpoint:
+    """One end of the line: a run folder's checkpointed weights, and its run (results.json) where it has one."""
 
     path: Path
-    identity: dict[str, Any]
+    identity: dict[str, Any]  # nested, as the checkpoint holds it
     state: dict[str, Tensor]  # the model's state dict, on the CPU
-    status: str | None  # from results.json (None when the folder has none)
     step: int | None  # updates the checkpoint holds
-    final_val_loss: float | None  # results.json's, for comparison with α = 0 / 1
-    final_val_error: float | None
+    run: Run | None  # the folder's results.json, for comparison with α = 0 / 1 (None when it has none)
     data_root: str | None  # dataset.root in the folder's .hydra/config.yaml
     data_workers: int | None
+
+    @property
+    def status(self) -> str | None:
+        return self.run.results.status if self.run else None
+
+    @property
+    def final_val_loss(self) -> float | None:
+        return self.run.results.final_val_loss if self.run else None
+
+    @property
+    def final_val_error(self) -> float | None:
+        return self.run.results.final_val_error if self.run else None
 
     def describe(self) -> str:
         model = self.identity.get("model") or {}
@@ -144,25 +156,19 @@ class Run:
         return ", ".join(parts)
 
 
-def _hydra_dataset(folder: Path) -> tuple[str | None, int | None]:
+def _recorded_dataset(folder: Path) -> tuple[str | None, int | None]:
     """(dataset.root, dataset.workers) recorded in the folder's .hydra/config.yaml, where there is one."""
-    path = folder / ".hydra" / "config.yaml"
-    if not path.is_file():
-        return None, None
     try:
-        from omegaconf import OmegaConf
-
-        ds = OmegaConf.load(path).get("dataset") or {}
+        ds = (recorded_config(folder) or {}).get("dataset") or {}
         root, workers = ds.get("root"), ds.get("workers")
         return (str(root) if root else None), (int(workers) if workers is not None else None)
     except Exception:  # noqa: BLE001 - a record we cannot read is only a missed hint; --data-root still works
         return None, None
 
 
-def load_run(path: str | Path, label: str = "RUN") -> Run:
+def load_run(path: str | Path, label: str = "RUN") -> Endpoint:
     """Read a run folder's checkpoint (and results.json, .hydra/config.yaml if present); InterpError if unusable."""
     from lbtrain.checkpoint import CheckpointError, load_checkpoint
-    from lbtrain.results import ResultsError, read_results
 
     folder = Path(path)
     if not folder.exists():
@@ -181,15 +187,13 @@ def load_run(path: str | Path, label: str = "RUN") -> Run:
     if not isinstance(state, dict) or not isinstance(ident, dict):
         raise InterpError(f"{label} {ckpt}: does not hold a model state dict and identity")
     try:
-        results = read_results(folder / "results.json")
+        run = read_run(folder)
     except ResultsError:
-        results = None  # only a comparison value is lost
+        run = None  # only a comparison value is lost
     step = (data.get("state") or {}).get("step")
-    root, workers = _hydra_dataset(folder)
-    return Run(path=folder, identity=ident, state=state, status=results.status if results else None,
-               step=int(step) if step is not None else None,
-               final_val_loss=results.final_val_loss if results else None,
-               final_val_error=results.final_val_error if results else None, data_root=root, data_workers=workers)
+    root, workers = _recorded_dataset(folder)
+    return Endpoint(path=folder, identity=ident, state=state, step=int(step) if step is not None else None, run=run,
+                    data_root=root, data_workers=workers)
 
 
 def _comparable(ident: dict[str, Any]) -> dict[str, Any]:
@@ -197,7 +201,7 @@ def _comparable(ident: dict[str, Any]) -> dict[str, Any]:
     return {"model": ident.get("model"), "dataset": dataset}
 
 
-def check_compatible(a: Run, b: Run) -> None:
+def check_compatible(a: Endpoint, b: Endpoint) -> None:
     """InterpError unless the two runs have the same model (name and options) on the same data, and their state
     dicts the same entries and shapes."""
     from lbtrain.config import schema_defaults
@@ -316,7 +320,7 @@ class Setup:
     val_size: int
 
 
-def prepare(a: Run, b: Run, device: torch.device, *, data_root: str | None = None,
+def prepare(a: Endpoint, b: Endpoint, device: torch.device, *, data_root: str | None = None,
             bn_batches: int = DEFAULT_BN_BATCHES, bn_batch: int = DEFAULT_BN_BATCH,
             train_samples: int | None = DEFAULT_TRAIN_SAMPLES, eval_batch: int = DEFAULT_EVAL_BATCH,
             workers: int | None = None) -> Setup:
@@ -378,7 +382,7 @@ def prepare(a: Run, b: Run, device: torch.device, *, data_root: str | None = Non
                  train_samples=used, train_size=n, val_size=ds.val_size)
 
 
-def interpolate(a: Run, b: Run, alphas: Sequence[float], setup: Setup, *, bn_recompute: bool = True,
+def interpolate(a: Endpoint, b: Endpoint, alphas: Sequence[float], setup: Setup, *, bn_recompute: bool = True,
                 on_point: Callable[[Point], None] | None = None) -> list[Point]:
     """Train and validation metrics at (1 − α)·w_A + α·w_B for each α (see the module docstring)."""
     model = setup.model
@@ -399,24 +403,20 @@ def interpolate(a: Run, b: Run, alphas: Sequence[float], setup: Setup, *, bn_rec
 
 
 # ----------------------------------------------------------------------------------------------- outputs
-def _num(v: float) -> str:
+def _csv_value(v: float) -> str:
+    """A CSV field at full precision (repr round-trips the float); "nan" for anything not finite."""
     return repr(float(v)) if math.isfinite(v) else "nan"
 
 
 def csv_text(points: Sequence[Point]) -> str:
-    lines = [",".join(COLUMNS)] + [",".join(_num(v) for v in p.row()) for p in points]
+    lines = [",".join(COLUMNS)] + [",".join(_csv_value(v) for v in p.row()) for p in points]
     return "\n".join(lines) + "\n"
 
 
 def make_figure(points: Sequence[Point], label_a: str, label_b: str, subtitle: str = "") -> Any:
     """Two panels against α: loss (log scale when every value is positive) and error, train and validation,
     dotted lines at α = 0 (RUN_A) and α = 1 (RUN_B)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(10.5, 4.4))
-    FigureCanvasAgg(fig)  # Agg, without pyplot's global state
-    ax_loss, ax_err = fig.subplots(1, 2)
+    fig, (ax_loss, ax_err) = new_figure(size=(10.5, 4.4), ncols=2)
     alphas = [p.alpha for p in points]
     for ax, what, ylabel in ((ax_loss, "loss", "cross-entropy loss"), (ax_err, "error", "top-1 error")):
         train = [getattr(p, f"train_{what}") for p in points]
@@ -428,13 +428,11 @@ def make_figure(points: Sequence[Point], label_a: str, label_b: str, subtitle: s
             ax.text(x, 1.01, name, transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize="small")
         finite = [v for v in train + val if math.isfinite(v)]
         if what == "loss" and finite and min(finite) > 0:
-            ax.set_yscale("log")
+            log_axes(ax, y=True)
         elif what == "error":
             ax.set_ylim(bottom=0.0)
-        ax.set_xlabel("α   (weights (1 − α)·w_A + α·w_B)")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize="small")
+        # two panels leave no room beside them: the legend goes inside (two entries, in a corner)
+        style_axes(ax, "α   (weights (1 − α)·w_A + α·w_B)", ylabel, legend=INSIDE)
     title = f"A: {label_a}    B: {label_b}"
     fig.suptitle(title if not subtitle else f"{title}\n{subtitle}", fontsize="small")
     fig.tight_layout()
@@ -447,13 +445,11 @@ def write_outputs(points: Sequence[Point], out: Path, label_a: str, label_b: str
     interp.json (which runs, which identities, which options: where the numbers came from)."""
     from lbtrain.checkpoint import atomic_write_bytes, atomic_write_json
 
-    fig = make_figure(points, label_a, label_b, subtitle)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
+    png = png_bytes(make_figure(points, label_a, label_b, subtitle))
     out.mkdir(parents=True, exist_ok=True)
     csv_path, png_path = out / "interp.csv", out / "interp.png"
     atomic_write_bytes(csv_path, csv_text(points).encode())
-    atomic_write_bytes(png_path, buf.getvalue())
+    atomic_write_bytes(png_path, png)
     if record is None:
         return [csv_path, png_path]
     atomic_write_json(out / "interp.json", {**record, "points": [vars(p) for p in points]})
@@ -552,7 +548,8 @@ def _check_out(out: Path) -> None:
         raise InterpError(f"--out {out}: cannot write there ({probe}: {e.strerror})") from None
 
 
-def _fmt(v: float) -> str:
+def _fixed(v: float) -> str:
+    """A number of the stdout table: 4 decimals (losses and errors), "nan" for anything not finite."""
     return f"{v:.4f}" if math.isfinite(v) else "nan"
 
 
@@ -569,7 +566,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_compatible(a, b)
         _check_out(out)
         from lbtrain.config import ConfigError
-        from lbtrain.preflight import pick_device
+        from lbtrain.devices import pick_device
 
         try:
             device = pick_device(args.device)
@@ -597,8 +594,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{'alpha':>8} {'train_loss':>11} {'train_error':>11} {'val_loss':>9} {'val_error':>9}")
 
     def show(p: Point) -> None:
-        print(f"{p.alpha:>8.4g} {_fmt(p.train_loss):>11} {_fmt(p.train_error):>11} {_fmt(p.val_loss):>9} "
-              f"{_fmt(p.val_error):>9}", flush=True)
+        print(f"{p.alpha:>8.4g} {_fixed(p.train_loss):>11} {_fixed(p.train_error):>11} {_fixed(p.val_loss):>9} "
+              f"{_fixed(p.val_error):>9}", flush=True)
 
     start = time.perf_counter()
     try:

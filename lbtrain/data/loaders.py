@@ -1,22 +1,11 @@
-"""Datasets and loaders: everything that turns files on disk into training batches.
+"""The loaders: a dataset split served as normalized training and evaluation batches (the contract they keep is
+`lbtrain.data.contract.Loader`).
 
-Small datasets (digits, MNIST, Fashion-MNIST, CIFAR, synthetic) are held whole in memory as uint8
-tensors and served by `DeviceLoader`, which keeps them on the training device and does shuffling,
-pad-4 random crop, horizontal flip and normalization as a handful of batched tensor ops per step
-(the airbench recipe): no per-sample Python, no worker processes, no host->device copies.
-ImageNet is the exception and streams JPEGs through torch's DataLoader (`ImageFolderLoader`).
-
-Both loaders share one contract so the trainer need not care which it has:
-  * an epoch's sample order and augmentation are a pure function of (seed, epoch), so a run resumed
-    at `start_step` sees exactly the batches an uninterrupted run would have seen;
-  * every training step has exactly `batch` samples (drop_last), as ghost batch norm requires;
-  * `steps_per_epoch(batch)` is the number of such steps in one pass over the distinct training samples;
-  * the batch size may change from one epoch to the next;
-  * under data parallelism rank r of W gets the strided share r::W of each global batch (not a contiguous
-    slice: ghost batches are strided subsets, see `lbtrain.ghost_bn`, and so stay whole on one rank).
-
-Where data is looked for: `dataset.root`, else $LBTRAIN_DATA, else ./data (see `resolve_root`).
-The "val" split of MNIST / Fashion-MNIST / CIFAR is the official test split.
+Small datasets (digits, MNIST, Fashion-MNIST, CIFAR, synthetic) are held whole in memory as uint8 tensors and
+served by `DeviceLoader`, which keeps them on the training device and does shuffling, pad-4 random crop,
+horizontal flip and normalization as a handful of batched tensor ops per step (the airbench recipe): no
+per-sample Python, no worker processes, no host->device copies. ImageNet is the exception and streams JPEGs
+through torch's DataLoader (`ImageFolderLoader`).
 
 Batch augmentation (Hoffer et al., "Augment Your Batch", 2019/2020) and cutout (DeVries & Taylor 2017) are
 `DeviceLoader` options for the training loader only (`duplicates=M`, `cutout=L`; see its docstring): a step of
@@ -25,302 +14,19 @@ Batch augmentation (Hoffer et al., "Augment Your Batch", 2019/2020) and cutout (
 
 from __future__ import annotations
 
-import importlib.util
-import os
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from lbtrain.catalog import DATASET_FACTS, DATASETS
-from lbtrain.config import DatasetNotFoundError
+from lbtrain.data.contract import Loader
+from lbtrain.data.datasets import ArrayDataset, ImageFolderDataset
 
-__all__ = ["DATASETS", "DatasetNotFoundError", "load_dataset", "make_loaders", "DeviceLoader",
-           "ImageFolderLoader", "ArrayDataset", "ImageFolderDataset", "resolve_root", "class_balanced_subset"]
+__all__ = ["PAD", "DeviceLoader", "ImageFolderLoader", "make_loaders"]
 
 PAD = 4  # pixels of zero padding for the random-crop augmentation (standard CIFAR recipe)
-SUBSET_SEED = 20171  # dataset.subset is drawn with this fixed seed, never the run's: every run of a sweep
-# trains on the same samples
-_IMAGENET = DATASET_FACTS["imagenet"]
-
-def resolve_root(root: str | os.PathLike[str] | None) -> Path:
-    """Data root: `root` if given, else the LBTRAIN_DATA environment variable, else ./data (made absolute).
-
-    Relative paths are taken against the current working directory at call time.
-    """
-    chosen = root or os.environ.get("LBTRAIN_DATA") or "data"
-    return Path(chosen).expanduser().resolve()
-
-
-# --------------------------------------------------------------------------------------------------
-# Datasets
-
-
-@dataclass
-class ArrayDataset:
-    """A train/val split pair held in memory: images uint8 (N, C, H, W), labels int64 (N,)."""
-
-    name: str
-    train_x: Tensor
-    train_y: Tensor
-    val_x: Tensor
-    val_y: Tensor
-    num_classes: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    augment: bool = False  # pad-4 random crop + horizontal flip for the training split
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        c, h, w = self.train_x.shape[1:]
-        return (int(c), int(h), int(w))
-
-    @property
-    def train_size(self) -> int:
-        return int(self.train_x.shape[0])
-
-    @property
-    def val_size(self) -> int:
-        return int(self.val_x.shape[0])
-
-
-@dataclass
-class ImageFolderDataset:
-    """ImageNet-style train/ and val/ folders (one subfolder per class), decoded lazily by workers."""
-
-    name: str
-    root: Path
-    train: Any  # torchvision.datasets.ImageFolder
-    val: Any
-    num_classes: int
-    image_size: int = 224
-    workers: int = 8
-    mean: tuple[float, ...] = _IMAGENET.mean  # type: ignore[assignment]
-    std: tuple[float, ...] = _IMAGENET.std  # type: ignore[assignment]
-    augment: bool = True  # RandomResizedCrop + flip; False -> the val transform for training too
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return (3, self.image_size, self.image_size)
-
-    @property
-    def train_size(self) -> int:
-        return len(self.train)
-
-    @property
-    def val_size(self) -> int:
-        return len(self.val)
-
-
-def _opt(cfg: Any, key: str, default: Any = None) -> Any:
-    """cfg.key for an attribute object or a mapping (OmegaConf DictConfig is both); default if absent/None."""
-    try:
-        value = cfg[key] if isinstance(cfg, Mapping) else getattr(cfg, key)
-    except (KeyError, AttributeError):
-        return default
-    return default if value is None else value
-
-
-def load_dataset(cfg: Any) -> ArrayDataset | ImageFolderDataset:
-    """Build the dataset named by `cfg.name` (fields: name, root, download, augment, + per-dataset ones)."""
-    name = str(_opt(cfg, "name")).lower().replace("-", "_")
-    augment = bool(_opt(cfg, "augment", False))
-    if name == "digits":
-        ds = _load_digits()
-    elif name in ("mnist", "fashion_mnist", "cifar10", "cifar100"):
-        ds = _load_torchvision(name, resolve_root(_opt(cfg, "root")), bool(_opt(cfg, "download", False)))
-    elif name == "synthetic":
-        ds = make_synthetic(
-            shape=tuple(_opt(cfg, "shape", (3, 32, 32))),
-            num_classes=int(_opt(cfg, "num_classes", 10)),
-            train_size=int(_opt(cfg, "train_size", 4096)),
-            val_size=int(_opt(cfg, "val_size", 1024)),
-            seed=int(_opt(cfg, "seed", 0)),
-        )
-    elif name == "imagenet":
-        return _load_imagenet(
-            resolve_root(_opt(cfg, "root")),
-            image_size=int(_opt(cfg, "image_size", 224)),
-            workers=int(_opt(cfg, "workers", 8)),
-            augment=bool(_opt(cfg, "augment", True)),
-        )
-    else:
-        raise ValueError(f"unknown dataset.name={name!r}; expected one of {', '.join(DATASETS)}")
-    ds.augment = augment
-    subset = _opt(cfg, "subset")
-    if subset:
-        keep = class_balanced_subset(ds.train_y, int(subset), ds.num_classes)
-        # normalization keeps the whole split's statistics: a subset is fewer samples of the same data
-        ds.train_x, ds.train_y = ds.train_x[keep].contiguous(), ds.train_y[keep]
-    return ds
-
-
-def class_balanced_subset(labels: Tensor, n: int, num_classes: int, seed: int = SUBSET_SEED) -> Tensor:
-    """Indices (ascending) of `n` training samples, n // C of each class and one more for n % C classes, drawn
-    with a fixed generator (`seed`, never the run's seed), so every run of a sweep trains on the same subset.
-
-    Which classes get the extra sample is drawn from the same generator. A class with fewer samples than its
-    share is a ValueError (the pre-flight check turns it into a config error before any work)."""
-    if not 1 <= n <= labels.numel():
-        raise ValueError(f"subset of {n} from {labels.numel()} samples")
-    g = torch.Generator().manual_seed(seed)
-    quota = torch.full((num_classes,), n // num_classes, dtype=torch.int64)
-    quota[torch.randperm(num_classes, generator=g)[: n % num_classes]] += 1
-    picked = []
-    for c in range(num_classes):
-        members = torch.nonzero(labels == c).flatten()
-        k = int(quota[c])
-        if k > members.numel():
-            raise ValueError(f"class {c} has {members.numel()} samples, fewer than its share {k} of the subset")
-        picked.append(members[torch.randperm(members.numel(), generator=g)[:k]])
-    return torch.cat(picked).sort().values
-
-
-def _channel_stats(x: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Exact per-channel mean/std of uint8 images in [0, 1] units, from 256-bin histograms
-    (bincount is ~10x faster than a float pass over the data and needs no big temporaries)."""
-    v = torch.arange(256, dtype=torch.float64) / 255
-    mean, std = [], []
-    for c in range(x.shape[1]):
-        p = torch.bincount(x[:, c].reshape(-1), minlength=256).to(torch.float64)
-        p /= p.sum()
-        m = float((p * v).sum())
-        mean.append(m)
-        std.append(max(float((p * v.square()).sum()) - m * m, 0.0) ** 0.5)
-    return tuple(mean), tuple(std)
-
-
-def _load_digits() -> ArrayDataset:
-    """scikit-learn's 8x8 digits (bundled with the package, so it works offline): 1536 train / 261 val."""
-    # Read the CSV that ships inside scikit-learn (what `sklearn.datasets.load_digits` reads) without
-    # importing sklearn, whose import costs ~2 s of start-up for every run.
-    spec = importlib.util.find_spec("sklearn")
-    if spec is None or not spec.submodule_search_locations:
-        raise DatasetNotFoundError("the digits dataset ships with scikit-learn: pip install scikit-learn")
-    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "digits.csv.gz"
-    table = np.loadtxt(path, delimiter=",")  # 1797 rows: 64 pixels in 0..16, then the label
-    x = torch.from_numpy(np.rint(table[:, :64] * (255.0 / 16.0)).astype(np.uint8)).reshape(-1, 1, 8, 8)
-    y = torch.from_numpy(table[:, 64].astype(np.int64))
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    n_train = 1536  # = 3 * 512 = 96 * 16, so every batch size 16..512 in powers of two divides it
-    tr, va = perm[:n_train], perm[n_train:]
-    mean, std = _channel_stats(x[tr])
-    return ArrayDataset("digits", x[tr].contiguous(), y[tr], x[va].contiguous(), y[va], 10, mean, std)
-
-
-def _not_found(what: str, root: Path, looked_for: str, holding: str, *, tried_download: bool = False,
-               cause: BaseException | None = None, downloadable: bool = True,
-               md5_checked: bool = False) -> DatasetNotFoundError:
-    """One-line error: what was missing, where we looked, and how to fix it."""
-    status = "not found or corrupted (MD5 mismatch)" if md5_checked else "not found"
-    msg = f"{what} {status} under {root} (looked for {looked_for})"
-    if tried_download:
-        msg += " and dataset.download=true failed"
-    if cause is not None:
-        msg += f" [{' '.join(str(cause).split())}]"  # flattened so the message stays on one line
-    fix = f"set dataset.root=PATH or LBTRAIN_DATA=PATH to a folder holding {holding}"
-    if not downloadable:
-        fix += f" ({what} cannot be downloaded automatically)"
-    elif tried_download:
-        fix += ", or retry dataset.download=true with network access"
-    else:
-        fix += ", or dataset.download=true"
-    return DatasetNotFoundError(f"{msg}: {fix}")
-
-
-def check_present(cfg: Any) -> None:
-    """Raise DatasetNotFoundError (the same one line loading would give) when a dataset's files are not where the
-    config says and `download` is off. Cheap: it looks for one file or folder; loading verifies the rest."""
-    name = str(_opt(cfg, "name"))
-    facts = DATASET_FACTS.get(name)
-    if facts is None or facts.name in ("digits", "synthetic"):
-        return
-    root = resolve_root(_opt(cfg, "root"))
-    if facts.name == "imagenet":
-        base = root if (root / "train").is_dir() and (root / "val").is_dir() else root / "imagenet"
-        if not ((base / "train").is_dir() and (base / "val").is_dir()):
-            raise _not_found("ImageNet", root, f"{base / 'train'} and {base / 'val'}",
-                             "imagenet/train/ and imagenet/val/ (one folder per class)", downloadable=False)
-        return
-    if not bool(_opt(cfg, "download", False)) and not (root / str(facts.probe)).exists():
-        raise _not_found(str(facts.torchvision), root, str(root / str(facts.probe)),
-                         str(facts.probe).split("/")[0] + "/")
-
-
-def _load_torchvision(name: str, root: Path, download: bool) -> ArrayDataset:
-    import torchvision.datasets as tvd
-
-    facts = DATASET_FACTS[name]
-    cls_name, probe, mean, std, num_classes = facts.torchvision, facts.probe, facts.mean, facts.std, facts.num_classes
-    cls = getattr(tvd, cls_name)
-    try:
-        train = cls(str(root), train=True, download=download)
-        val = cls(str(root), train=False, download=download)
-    except (RuntimeError, OSError) as e:  # torchvision: RuntimeError if missing; URLError (OSError) offline
-        holding = probe.split("/")[0] + "/"
-        raise _not_found(cls_name, root, str(root / probe), holding, tried_download=download,
-                         cause=e if download else None, md5_checked=name.startswith("cifar")) from e
-
-    def arrays(split: Any) -> tuple[Tensor, Tensor]:
-        data = split.data
-        if isinstance(data, np.ndarray):  # CIFAR: (N, H, W, C) numpy
-            x = torch.from_numpy(data).permute(0, 3, 1, 2)
-        else:  # MNIST family: (N, H, W) uint8 tensor
-            x = data.unsqueeze(1)
-        return x.contiguous(), torch.as_tensor(split.targets, dtype=torch.int64)
-
-    (tx, ty), (vx, vy) = arrays(train), arrays(val)
-    return ArrayDataset(name, tx, ty, vx, vy, num_classes, mean, std)
-
-
-def make_synthetic(shape: tuple[int, ...] = (3, 32, 32), num_classes: int = 10, train_size: int = 4096,
-                   val_size: int = 1024, seed: int = 0) -> ArrayDataset:
-    """Uniform-noise uint8 images whose label is the argmax of a fixed random linear map of the image.
-
-    The map acts on a coarse (<= 4x4 average-pooled) view, so the rule is linear in the pixels (an MLP can
-    fit it) yet smooth enough for a small convnet to pick up. Content depends only on `seed` (default 0),
-    never on the training seed, so every run of a sweep sees the same data.
-    """
-    c, h, w = (int(s) for s in shape)
-    g = torch.Generator().manual_seed(seed)
-    n = train_size + val_size
-    x = torch.randint(0, 256, (n, c, h, w), dtype=torch.uint8, generator=g)
-    ph, pw = min(h, 4), min(w, 4)
-    proj = torch.randn(c * ph * pw, num_classes, generator=g)
-    y = torch.empty(n, dtype=torch.int64)
-    for i in range(0, n, 8192):  # chunked so float copies stay small for big synthetic sets
-        feats = F.adaptive_avg_pool2d(x[i : i + 8192].float().sub_(127.5), (ph, pw)).flatten(1)
-        y[i : i + 8192] = (feats @ proj).argmax(1)
-    mean, std = _channel_stats(x[:train_size])
-    return ArrayDataset("synthetic", x[:train_size], y[:train_size], x[train_size:], y[train_size:],
-                        num_classes, mean, std)
-
-
-def _load_imagenet(root: Path, *, image_size: int, workers: int, augment: bool) -> ImageFolderDataset:
-    """ImageNet in ImageFolder layout. `root` may be the imagenet folder itself (holding train/ and val/),
-    otherwise root/imagenet is used."""
-    from torchvision.datasets import ImageFolder
-
-    base = root if (root / "train").is_dir() and (root / "val").is_dir() else root / "imagenet"
-    looked_for = f"{base / 'train'} and {base / 'val'}"
-    holding = "imagenet/train/ and imagenet/val/ (one folder per class)"
-    if not ((base / "train").is_dir() and (base / "val").is_dir()):
-        raise _not_found("ImageNet", root, looked_for, holding, downloadable=False)
-    try:
-        train, val = ImageFolder(str(base / "train")), ImageFolder(str(base / "val"))
-    except (FileNotFoundError, RuntimeError) as e:  # no class folders / no images
-        raise _not_found("ImageNet", root, looked_for, holding, cause=e, downloadable=False) from e
-    return ImageFolderDataset("imagenet", base, train, val, len(train.classes), image_size, workers,
-                              augment=augment)
-
-
-# --------------------------------------------------------------------------------------------------
-# Loaders
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -554,18 +260,21 @@ class _EpochBatches:
 
 class _SeededFolder(torch.utils.data.Dataset):
     """ImageFolder item keyed by (index, seed): the transform runs under its own RNG seed, so
-    augmentation is a pure function of (seed, epoch, index) whatever the worker count or scheduling."""
+    augmentation is a pure function of (seed, epoch, index) whatever the worker count or scheduling.
+    Seed None: the `plain` (evaluation) transform, which draws nothing."""
 
-    def __init__(self, folder: Any, transform: Any) -> None:
-        self.folder, self.transform = folder, transform
+    def __init__(self, folder: Any, transform: Any, plain: Any) -> None:
+        self.folder, self.transform, self.plain = folder, transform, plain
 
     def __len__(self) -> int:
         return len(self.folder)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, int]:
+    def __getitem__(self, key: tuple[int, int | None]) -> tuple[Tensor, int]:
         index, seed = key
         path, target = self.folder.samples[index]
         img = self.folder.loader(path)
+        if seed is None:
+            return self.plain(img), target
         with torch.random.fork_rng(devices=[]):  # don't disturb the process RNG (matters with workers=0)
             torch.manual_seed(seed)
             return self.transform(img), target
@@ -592,15 +301,16 @@ class ImageFolderLoader:
         self.device = torch.device(device)
         self.augment, self.seed, self.channels_last, self.dtype = augment, int(seed), channels_last, dtype
         self.n = len(folder)
+        resize = round(image_size * 256 / 224)  # the classic 256 -> 224 ratio
+        plain = T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.PILToTensor()])
         if augment:
             tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.PILToTensor()])
         else:
-            resize = round(image_size * 256 / 224)  # the classic 256 -> 224 ratio
-            tf = T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.PILToTensor()])
+            tf = plain
         self.scale, self.shift = _affine(mean, std, self.device, dtype)
         self._sampler = _EpochBatches()
         self._loader = torch.utils.data.DataLoader(
-            _SeededFolder(folder, tf), batch_sampler=self._sampler, num_workers=workers,
+            _SeededFolder(folder, tf, plain), batch_sampler=self._sampler, num_workers=workers,
             pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
             generator=torch.Generator(),  # its per-iter base-seed draw would otherwise consume the global RNG
         )
@@ -611,7 +321,7 @@ class ImageFolderLoader:
     def steps_per_epoch(self, batch: int) -> int:
         return self.n // batch
 
-    def _run(self, batches: list[list[tuple[int, int]]]) -> Iterator[tuple[Tensor, Tensor]]:
+    def _run(self, batches: list[list[tuple[int, int | None]]]) -> Iterator[tuple[Tensor, Tensor]]:
         self._sampler.batches = batches  # read by iter() below, before anything is yielded
         for xb, yb in self._loader:
             xb = xb.to(self.device, non_blocking=True)
@@ -633,14 +343,23 @@ class ImageFolderLoader:
         return self._run(batches)
 
     def eval_batches(self, batch: int, rank: int = 0, world: int = 1) -> Iterator[tuple[Tensor, Tensor]]:
-        # each rank decodes only its own share of every batch
-        return self._run([[(i, 0) for i in range(lo, hi)] for lo, hi in _eval_shares(self.n, batch, rank, world)])
+        # each rank decodes only its own share of every batch; seed None: the plain (evaluation) transform
+        return self._run([[(i, None) for i in range(lo, hi)]
+                          for lo, hi in _eval_shares(self.n, batch, rank, world)])
+
+    def samples(self, indices: Tensor) -> tuple[Tensor, Tensor]:
+        """The samples at `indices` as one batch, with the plain (evaluation) transform (e.g. sharpness)."""
+        keys: list[tuple[int, int | None]] = [(int(i), None) for i in indices.flatten().tolist()]
+        if not keys:
+            raise ValueError("samples() needs at least one index")
+        (batch,) = list(self._run([keys]))  # consumed whole: the DataLoader iterator is not left half-way
+        return batch
 
 
 def make_loaders(ds: ArrayDataset | ImageFolderDataset, *, device: torch.device | str, seed: int,
                  channels_last: bool = False, dtype: torch.dtype = torch.float32,
                  augment: bool | None = None, duplicates: int = 1,
-                 cutout: int = 0) -> tuple[DeviceLoader | ImageFolderLoader, DeviceLoader | ImageFolderLoader]:
+                 cutout: int = 0) -> tuple[Loader, Loader]:
     """(train, val) loaders for `ds`; training augmentation follows `ds.augment` unless `augment` is given.
 
     `duplicates` (batch augmentation) and `cutout` apply to the training loader only (see `DeviceLoader`);

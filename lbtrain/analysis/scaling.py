@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import io
 import math
 import statistics
 from collections.abc import Sequence
@@ -26,25 +25,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from lbtrain.checkpoint import atomic_write_bytes
-from lbtrain.regime import epoch_layout, expand_batches
-from lbtrain.report import (
+from lbtrain.analysis import regimes
+from lbtrain.analysis.figures import color, finish, log_axes, new_figure, save_png
+from lbtrain.analysis.runs import (
     Run,
-    _variant_columns,
-    _without,
     config_key,
     epochs_at,
     mean_std,
-    regime_rank,
     run_key,
     shown,
+    variant_keys,
 )
+from lbtrain.analysis.tables import write_tables
+from lbtrain.regime import epoch_layout, expand_batches
 
-_SHOWN = ("name", "dataset.name", "seed", "batch", "regime")
+MEASURED = ("update", "epochs", "images")  # steps_to_target's columns: where each configuration reached the target
 
 
 def images_at(run: Run, update: int) -> int | None:
@@ -99,24 +96,24 @@ def _groups(runs: Sequence[Run]) -> dict[str, list[Run]]:
 def steps_to_target(runs: Sequence[Run], target: float) -> list[dict[str, Any]]:
     """One row per configuration: how many seeds reached the target, and their updates / epochs / images."""
     groups = _groups(_eligible(runs))
-    idents = {k: _without(rs[0].identity, _SHOWN) for k, rs in groups.items()}
-    variants = _variant_columns(list(idents.values()))
+    variants = variant_keys([rs[0].identity for rs in groups.values()])
     rows = []
-    for key, members in groups.items():
+    for members in groups.values():
         first = members[0]
         hits = [c for c in (crossing(r, target) for r in members) if c is not None]
+        # the plan's epochs is a variant column where configurations differ in it: not the epochs at the crossing
         row = {"experiment": first.experiment, "dataset": first.dataset,
-               **{k: shown(idents[key], k) for k in variants},
+               **{(f"{k} (config)" if k in MEASURED else k): shown(first.identity, k) for k in variants},
                "regime": first.regime, "batch": first.batch, "target_error": target,
                "reached": f"{len(hits)} of {len(members)}"}
-        for k in ("update", "epochs", "images"):
+        for k in MEASURED:
             values = [c[k] for c in hits if c[k] is not None]
             row[k] = mean_std(values) if values else "not reached"
             row[f"{k}_mean"] = statistics.fmean(values) if values else None
         bs = [c["b_simple"] for c in hits if c["b_simple"] is not None]
         row["b_simple_at_target"] = statistics.fmean(bs) if bs else None
         rows.append(row)
-    return sorted(rows, key=lambda r: (r["experiment"], r["dataset"], regime_rank(r["regime"]), r["batch"]))
+    return sorted(rows, key=lambda r: (r["experiment"], r["dataset"], regimes.rank(r["regime"]), r["batch"]))
 
 
 def knee(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -140,7 +137,7 @@ def knee(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                     "S_min": fit[0] if fit else None, "B_crit": fit[1] if fit else None,
                     # the median over batches: single large-batch estimates are noisy (|G|^2 is small there)
                     "B_simple_at_target": statistics.median(bs) if bs else None})
-    return sorted(out, key=lambda r: (r["experiment"], r["dataset"], regime_rank(r["regime"])))
+    return sorted(out, key=lambda r: (r["experiment"], r["dataset"], regimes.rank(r["regime"])))
 
 
 def _fit_knee(points: Sequence[tuple[float, float]]) -> tuple[float, float] | None:
@@ -174,43 +171,17 @@ def sharpness_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
                      else None, "trace": mean_std(tr) if tr else None,
                      "b_simple_final": mean_std(gns) if gns else None,
                      "val_error": mean_std([float(r.results.final_val_error) for r in members])})
-    return sorted(rows, key=lambda r: (r["experiment"], r["dataset"], regime_rank(r["regime"]), r["batch"]))
+    return sorted(rows, key=lambda r: (r["experiment"], r["dataset"], regimes.rank(r["regime"]), r["batch"]))
 
 
 # ------------------------------------------------------------------------------------------------ figures
-def _save(fig: Figure, path: Path) -> Path:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
-
-
-def _figure() -> tuple[Figure, Any]:
-    fig = Figure(figsize=(9.5, 4.8))
-    FigureCanvasAgg(fig)
-    return fig, fig.add_subplot()
-
-
-def _finish(fig: Figure, ax: Any, xlabel: str, ylabel: str, title: str) -> Figure:
-    """Labels, grid, and the legend outside the axes (it never hides a curve)."""
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    if ax.get_lines():
-        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    fig.tight_layout()
-    return fig
-
-
 def steps_figure(rows: Sequence[dict[str, Any]], knees: Sequence[dict[str, Any]], title: str = "") -> Figure:
     """Updates to target vs batch (log-log) per regime, mean ± std; perfect scaling through the smallest batch;
     the fitted S_min (1 + B_crit / B) and B_crit; B_simple at the target as a dotted line."""
-    fig, ax = _figure()
-    colors = colormaps["tab10"]
-    regimes = sorted({r["regime"] for r in rows}, key=regime_rank)
+    fig, ax = new_figure()
+    names = sorted({r["regime"] for r in rows}, key=regimes.rank)
     top = max((r["update_mean"] for r in rows if r["update_mean"] is not None), default=1.0)
-    for i, regime in enumerate(regimes):
+    for i, regime in enumerate(names):
         pts = sorted((r["batch"], r["update_mean"], r["update"]) for r in rows
                      if r["regime"] == regime and r["update_mean"] is not None)
         if not pts:
@@ -218,18 +189,18 @@ def steps_figure(rows: Sequence[dict[str, Any]], knees: Sequence[dict[str, Any]]
         b = np.array([p[0] for p in pts], dtype=float)
         s = np.array([p[1] for p in pts])
         err = np.array([float(str(p[2]).split(" ± ")[1]) if " ± " in str(p[2]) else 0.0 for p in pts])
-        ax.errorbar(b, s, yerr=err, marker="o", color=colors(i % 10), label=f"{regime}", capsize=3)
+        ax.errorbar(b, s, yerr=err, marker="o", color=color(i), label=f"{regime}", capsize=3)
         missing = [r["batch"] for r in rows if r["regime"] == regime and r["update_mean"] is None]
         if missing:
             # above the measured points, one row per regime so that no marker hides another
             ax.plot(missing, [top * 1.4 * 1.12**i] * len(missing), marker="^", linestyle="none",
-                    color=colors(i % 10), label=f"{regime}: not reached")
+                    color=color(i), label=f"{regime}: not reached")
         k = next((k for k in knees if k["regime"] == regime and k["B_crit"]), None)
         if k:
             grid = np.geomspace(b.min(), b.max(), 50)
-            ax.plot(grid, k["S_min"] * (1 + k["B_crit"] / grid), linestyle=":", color=colors(i % 10),
+            ax.plot(grid, k["S_min"] * (1 + k["B_crit"] / grid), linestyle=":", color=color(i),
                     label=f"{regime}: fit, B_crit = {k['B_crit']:.0f}")
-            ax.axvline(k["B_crit"], color=colors(i % 10), linestyle=":", alpha=0.5)
+            ax.axvline(k["B_crit"], color=color(i), linestyle=":", alpha=0.5)
         if i == 0:
             grid = np.geomspace(b.min(), b.max(), 50)
             ax.plot(grid, s[0] * b[0] / grid, color="black", linestyle="--", alpha=0.6, label="perfect scaling")
@@ -237,44 +208,40 @@ def steps_figure(rows: Sequence[dict[str, Any]], knees: Sequence[dict[str, Any]]
     if bs:
         b_simple = statistics.median(bs)
         ax.axvline(b_simple, color="grey", linestyle="-.", label=f"B_simple at target ({b_simple:.0f})")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    return _finish(fig, ax, "batch size", "updates to reach the target error",
+    log_axes(ax, x=True, y=True, xbase=2)
+    return finish(fig, ax, "batch size", "updates to reach the target error",
                    title or "Steps to target (Shallue et al. 2018)")
 
 
 def sharpness_figure(rows: Sequence[dict[str, Any]], title: str = "") -> Figure:
-    fig, ax = _figure()
-    colors = colormaps["tab10"]
-    regimes = sorted({r["regime"] for r in rows}, key=regime_rank)
-    for i, regime in enumerate(regimes):
+    fig, ax = new_figure()
+    names = sorted({r["regime"] for r in rows}, key=regimes.rank)
+    for i, regime in enumerate(names):
         pts = sorted((r["batch"], r["lambda_max_mean"]) for r in rows
                      if r["regime"] == regime and r["lambda_max_mean"] is not None)
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colors(i % 10), label=regime)
-    ax.set_xscale("log", base=2)
-    return _finish(fig, ax, "batch size", r"final $\lambda_{max}$ of the training-loss Hessian",
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=color(i), label=regime)
+    log_axes(ax, x=True, xbase=2)
+    return finish(fig, ax, "batch size", r"final $\lambda_{max}$ of the training-loss Hessian",
                    title or "Sharpness at the end of training (Keskar et al. 2017)")
 
 
 def gns_figure(runs: Sequence[Run], title: str = "") -> Figure:
     """B_simple over training, one line per batch (the smallest-index regime of each batch, mean over seeds)."""
-    fig, ax = _figure()
-    colors = colormaps["viridis"]
+    fig, ax = new_figure()
     eligible = [r for r in runs if r.duplicate_of is None and r.scalars("gns/b_simple")]
     batches = sorted({r.batch for r in eligible})
     for i, batch in enumerate(batches):
         mine = [r for r in eligible if r.batch == batch]
-        regime = min({r.regime for r in mine}, key=regime_rank)
+        regime = min({r.regime for r in mine}, key=regimes.rank)
         series = [dict(r.scalars("gns/b_simple")) for r in mine if r.regime == regime]
         steps = sorted(set.intersection(*(set(s) for s in series)))
         if not steps:
             continue
         mean = [statistics.fmean(s[t] for s in series) for t in steps]
-        ax.plot(steps, mean, color=colors(i / max(len(batches) - 1, 1)), label=f"B={batch} {regime}")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    return _finish(fig, ax, "updates, log scale", r"$B_{simple} = tr(\Sigma) / |G|^2$",
+        ax.plot(steps, mean, color=color(i, len(batches), "viridis"), label=f"B={batch} {regime}")
+    log_axes(ax, x=True, y=True)
+    return finish(fig, ax, "updates, log scale", r"$B_{simple} = tr(\Sigma) / |G|^2$",
                    title or "Gradient noise scale over training (McCandlish et al. 2018)")
 
 
@@ -282,25 +249,22 @@ def write_scaling(runs: Sequence[Run], out_dir: Path, target: float | None,
                   figures: bool = True) -> tuple[dict[str, list[dict[str, Any]]], list[Path]]:
     """The scaling tables (and figures) for `runs` into `out_dir`: steps_to_target (with `target`), knee,
     sharpness. Returns (tables, written files)."""
-    from lbtrain.report import write_tables
-
     tables: dict[str, list[dict[str, Any]]] = {}
     files: list[Path] = []
     if target is not None:
         rows = steps_to_target(runs, target)
         knees = knee(rows)
-        shown = [{k: v for k, v in r.items() if not k.endswith("_mean")} for r in rows]
-        tables["steps_to_target"] = shown
+        tables["steps_to_target"] = [{k: v for k, v in r.items() if not k.endswith("_mean")} for r in rows]
         tables["knee"] = knees
         if figures and rows:
-            files.append(_save(steps_figure(rows, knees, f"Updates to val error <= {target:g}"),
-                               out_dir / "steps_to_target.png"))
+            files.append(save_png(steps_figure(rows, knees, f"Updates to val error <= {target:g}"),
+                                  out_dir / "steps_to_target.png"))
     sharp = sharpness_rows(runs)
     if sharp:
         tables["scaling"] = [{k: v for k, v in r.items() if not k.endswith("_mean")} for r in sharp]
         if figures:
-            files.append(_save(sharpness_figure(sharp), out_dir / "sharpness.png"))
+            files.append(save_png(sharpness_figure(sharp), out_dir / "sharpness.png"))
     if figures and any(r.scalars("gns/b_simple") for r in runs if r.duplicate_of is None):
-        files.append(_save(gns_figure(runs), out_dir / "gns_b_simple.png"))
+        files.append(save_png(gns_figure(runs), out_dir / "gns_b_simple.png"))
     files += write_tables(tables, out_dir) if tables else []
     return tables, files

@@ -1,0 +1,117 @@
+"""The instrument plug-in interface and its registry. Torch-free: `lbtrain.identity` reads the registry to know
+which config keys are instruments' (run-only), and config mistakes are reported without importing torch.
+
+An instrument observes a run through the trainer's public hooks (`lbtrain.trainer.Hooks`) and the read-only
+`Run` view below, and never changes what is trained. Adding one is:
+1. a module with a class satisfying `Instrument` (its constructor takes the run and the instrument's config node);
+2. one `register(InstrumentSpec(...))` entry in `lbtrain/instruments/__init__.py`;
+3. its config node in `lbtrain/config.py` (`Config.<key>`), whose keys are run-only by being the instrument's;
+4. its test.
+Its results land in results.json under its name; its `state_dict()` (which must carry what `results()` needs)
+travels in every checkpoint, so a kill between the final checkpoint and results.json loses nothing.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:  # typing only: this module stays importable without torch
+    import torch
+
+
+class Run(Protocol):
+    """What an instrument may read of the run it observes (the trainer satisfies it)."""
+
+    hooks: Any  # lbtrain.trainer.Hooks: append callables to its lists
+    cfg: Any  # the run's composed config
+    net: torch.nn.Module  # the plain module (no DDP / compile wrapper)
+    params: list[torch.Tensor]  # the trained parameters, in order
+    w0: list[torch.Tensor]  # their initial values
+    device: torch.device
+    plan: Any  # lbtrain.regime.Plan
+    dist: Any  # lbtrain.distributed.Dist: rank, world
+    tb: Any  # lbtrain.tb.TBLogger: `scalars(step, values)`
+    state: Any  # lbtrain.trainer.RunState: `step`, ...
+    train_loader: Any  # lbtrain.data loader: `samples(indices)`, `len()`
+    autocast: Any  # the run's autocast context (bf16 or disabled)
+    micro_batch: int | None
+    bn_batch: int  # samples per BatchNorm statistic
+    has_batchnorm: bool
+    target_updates: int  # where this run stops
+
+
+@runtime_checkable
+class Instrument(Protocol):
+    """A plug-in measurement. `results()` is what results.json records under the instrument's name (None: nothing
+    measured yet); `state_dict()` / `load_state_dict()` carry everything `results()` and later measurements need
+    (plain containers and tensors only: checkpoints load with `weights_only=True`)."""
+
+    def results(self) -> dict[str, Any] | None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
+class InstrumentSpec:
+    """One registry entry.
+
+    name: results.json key and TensorBoard prefix; key: the config node (`Config.<key>`, run-only); enabled: from
+    that node, whether the run asked for it; factory: "module:Class" built as `Class(run, node)` (imported only
+    when used); check: optional (node, train_size) -> None raising `ConfigError` before anything is written
+    (train_size None: the checks that need no data, run by `lbtrain.config.validate` without torch).
+    """
+
+    name: str
+    key: str
+    enabled: Callable[[Any], bool]
+    factory: str
+    check: Callable[[Any, int | None], None] | None = None
+
+    def build(self, run: Run, node: Any) -> Instrument:
+        module, _, cls = self.factory.partition(":")
+        return getattr(importlib.import_module(module), cls)(run, node)
+
+
+REGISTRY: dict[str, InstrumentSpec] = {}
+
+
+def register(spec: InstrumentSpec) -> InstrumentSpec:
+    """Add (or replace) an instrument; returns the spec."""
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+def config_keys() -> tuple[str, ...]:
+    """The config nodes that belong to instruments (run-only keys of every run's config)."""
+    return tuple(dict.fromkeys(spec.key for spec in REGISTRY.values()))
+
+
+def node_of(cfg: Any, spec: InstrumentSpec) -> Any:
+    return cfg.get(spec.key) if hasattr(cfg, "get") else getattr(cfg, spec.key, None)
+
+
+def requested(cfg: Any) -> list[InstrumentSpec]:
+    """The registered instruments a run's config switches on, in registration order."""
+    return [spec for spec in REGISTRY.values() if spec.enabled(node_of(cfg, spec))]
+
+
+def check(cfg: Any, train_size: int | None) -> None:
+    """Each instrument's own config check (ConfigError on a mistake); every registered one, so a bad value of an
+    instrument that is off is refused too."""
+    for spec in REGISTRY.values():
+        if spec.check is not None and node_of(cfg, spec) is not None:
+            spec.check(node_of(cfg, spec), train_size)
+
+
+def attach(run: Run) -> dict[str, Instrument]:
+    """Build the instruments `run.cfg` asks for (name -> instrument); each attaches itself to `run.hooks`."""
+    return {spec.name: spec.build(run, node_of(run.cfg, spec)) for spec in requested(run.cfg)}
+
+
+__all__ = ["Run", "Instrument", "InstrumentSpec", "REGISTRY", "register", "config_keys", "requested", "check",
+           "attach"]
