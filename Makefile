@@ -19,10 +19,11 @@ $(STAMP): pyproject.toml
 
 # The embedded default: small batch vs large batch (baseline, +LR, +GBN, +RA) on scikit-learn's digits,
 # then the Table-1 style summary and figures. One torch thread per job, jobs in parallel over the cores
-# (joblib): the printed table is then the same on any number of cores and under any other load.
+# (joblib): the printed table is then the same on any number of cores and under any other load. The demo's
+# runs live in their own folder (outputs/demo), so its report holds its 24 runs and nothing else.
 demo: $(STAMP)
-	$(BIN)/lbtrain -m sweep=demo hydra/launcher=local hydra.launcher.n_jobs=-1 threads=1
-	$(BIN)/lbtrain-report outputs/digits --out outputs/digits/report
+	$(BIN)/lbtrain -m sweep=demo hydra/launcher=local hydra.launcher.n_jobs=-1 threads=1 hydra.sweep.dir=outputs/demo
+	$(BIN)/lbtrain-report outputs/demo/digits --out outputs/demo/report
 
 test: $(STAMP)
 	$(BIN)/pytest -q

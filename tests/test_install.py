@@ -36,6 +36,15 @@ def wheel(tmp_path_factory) -> Path:
     return whl
 
 
+def test_building_warns_about_no_ignored_config_folder(tmp_path):
+    """Every config folder is a listed (data-only) package: setuptools' "Package would be ignored" warning, once
+    per folder, used to bury an editable install's output."""
+    p = subprocess.run([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation", "-w",
+                        str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "would be ignored" not in p.stdout + p.stderr
+
+
 def test_wheel_carries_the_configs(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     shipped = {f"lbtrain/configs/{p.relative_to(ROOT / 'configs')}" for p in (ROOT / "configs").rglob("*.yaml")}

@@ -297,6 +297,18 @@ def test_cli(sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
     assert (sweep / "report" / "table1.md").is_file() and not list((sweep / "report").glob("*.png"))
 
 
+def test_where_scopes_the_report_to_matching_runs(sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    out = tmp_path / "report"
+    assert report.main([str(sweep), "--out", str(out), "--no-figures", "--where", "batch=64",
+                        "--where", "regime.name=baseline,adapt"]) == 0
+    runs = (out / "runs.csv").read_text().splitlines()[1:]
+    assert len(runs) == 2 and all(",64," in row for row in runs)
+    capsys.readouterr()
+    assert report.main([str(sweep), "--out", str(out), "--where", "batch=7"]) == 2
+    assert "no run under" in capsys.readouterr().err
+    assert report.main([str(sweep), "--out", str(out), "--where", "batch"]) == 2
+
+
 def test_out_is_an_existing_file(sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
     target = tmp_path / "a_file"
     target.write_text("keep me")

@@ -425,15 +425,42 @@ def write_figures(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------------------------- main
+def parse_where(texts: Iterable[str]) -> dict[str, list[str]]:
+    """`KEY=V1,V2` filters (`--where`) as {flat identity key: accepted values as text}; ValueError when malformed."""
+    out: dict[str, list[str]] = {}
+    for text in texts:
+        key, sep, values = text.partition("=")
+        if not sep or not key or not values:
+            raise ValueError(f"--where {text}: expected KEY=VALUE[,VALUE...], e.g. batch=16,512 or regime.name=gbn")
+        out.setdefault(key, []).extend(v.strip() for v in values.split(","))
+    return out
+
+
+def matches(run: Run, where: dict[str, list[str]]) -> bool:
+    """Whether a run's identity has, for every key of `where`, one of its values (a key at its schema default
+    compares as that default: `--where epochs=null` finds runs that kept the recipe's length)."""
+    defaults = schema_defaults()
+    for key, values in where.items():
+        value = run.identity.get(key, defaults.get(key))
+        if fmt(value) not in values and str(value) not in values:
+            return False
+    return True
+
+
 def summarize(paths: Iterable[str | Path], out_dir: str | Path, figures: bool = True,
-              target_error: float | None = None) -> dict[str, Any]:
-    """Find the runs, write tables (and figures) into `out_dir`; returns the tables and the written files. With
-    `target_error`, or when runs measured the noise scale or sharpness, the scaling section too
-    (lbtrain.analysis.scaling)."""
+              target_error: float | None = None, where: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """Find the runs (those matching `where`, when given), write tables (and figures) into `out_dir`; returns the
+    tables and the written files. With `target_error`, or when runs measured the noise scale or sharpness, the
+    scaling section too (lbtrain.analysis.scaling)."""
     paths = [Path(p) for p in paths]
     runs = find_runs(paths)
     if not runs:
         raise NoRunsError(f"no results.json found under {', '.join(map(str, paths))}")
+    if where:
+        runs = [r for r in runs if matches(r, where)]
+        if not runs:
+            shown = " ".join(f"{k}={','.join(v)}" for k, v in where.items())
+            raise NoRunsError(f"no run under {', '.join(map(str, paths))} matches --where {shown}")
     rows, omitted = _table1(runs)
     tables = {"table1": rows, "runs": long_table(runs), "runs_mean": aggregate_table(runs)}
     files = write_tables(tables, out_dir, notes={"table1": omitted_note(omitted)} if omitted else None)
@@ -457,7 +484,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--target-error", type=float, default=None, metavar="E",
                         help="add steps to validation error <= E per configuration (Shallue et al. 2018), with "
                              "steps_to_target.md/.csv/.png and the fitted critical batch (knee.md/.csv)")
+    parser.add_argument("--where", action="append", default=[], metavar="KEY=V1,V2",
+                        help="only runs whose identity key (flat, as in results.json's identity: batch, seed, "
+                             "regime.name, base.lr, ...) has one of the values; repeat for several keys")
     args = parser.parse_args(argv)
+    try:
+        where = parse_where(args.where)
+    except ValueError as e:
+        print(f"lbtrain-report: error: {e}", file=sys.stderr)
+        return 2
     if args.target_error is not None and not 0 < args.target_error < 1:
         print(f"lbtrain-report: error: --target-error {args.target_error}: must be in (0, 1) (a validation error)",
               file=sys.stderr)
@@ -473,7 +508,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
-        summary = summarize(args.paths, out, figures=not args.no_figures, target_error=args.target_error)
+        summary = summarize(args.paths, out, figures=not args.no_figures, target_error=args.target_error,
+                            where=where)
     except NoRunsError as e:
         print(f"lbtrain-report: error: {e}", file=sys.stderr)
         return 2
