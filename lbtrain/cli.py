@@ -408,7 +408,10 @@ def main() -> None:
     sweep_stop = signals.SweepStop() if multirun else None
     code = 0
     try:
-        _hydra_main()
+        if shown and shown[0] == "job" and "--package" not in argv and "-p" not in argv:
+            _show_job_config()
+        else:
+            _hydra_main()
         if _user_error:
             raise _user_error[0]
     except BaseException as e:  # noqa: BLE001 - every way out gets its exit code and one line
@@ -435,6 +438,33 @@ def _plain(e: BaseException) -> str:
     """One line for an unexpected exception before training (e.g. a value the checks did not foresee)."""
     text = " ".join(str(e).split())[:300]
     return f"the run was refused before it started: {type(e).__name__}{': ' + text if text else ''}"
+
+
+def _show_job_config() -> None:
+    """`lbtrain --cfg job`: Hydra's YAML of the composed config, without the dataset keys that only other datasets
+    read (synthetic's shape and sizes, ImageNet's image_size and workers): what is shown is what the run uses."""
+    import contextlib
+    import io
+
+    from lbtrain.data import REGISTRY
+
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            _hydra_main()
+    finally:
+        text = buf.getvalue()
+        try:
+            cfg = OmegaConf.create(text)
+            ds = cfg.get("dataset") if isinstance(cfg, DictConfig) else None
+            entry = REGISTRY.get(str(ds.get("name"))) if isinstance(ds, DictConfig) else None
+        except Exception:  # noqa: BLE001 - not the YAML we expected: show it as Hydra wrote it
+            entry = None
+        if entry is not None:
+            for key in {k for e in REGISTRY.values() for k in e.reads} - set(entry.reads):
+                ds.pop(key, None)
+            text = OmegaConf.to_yaml(cfg)
+        sys.stdout.write(text)
 
 
 OPTIONAL_GROUPS = ("sweep",)  # `optional` in config.yaml's defaults: Hydra would silently skip a misspelled option

@@ -88,3 +88,18 @@ def test_cfg_job_shows_effective_values(tmp_path):
     assert "epochs: 6400.0" in p.stdout and "ghost_batch: 128" in p.stdout
     assert "lr: 0.565685" in p.stdout  # 0.1 * sqrt(32)
     assert "batch_schedule: 0:4096" in p.stdout
+
+
+def test_cfg_job_shows_only_the_keys_the_chosen_dataset_reads(tmp_path):
+    from helpers import run_main
+
+    digits = run_main("--cfg", "job", cwd=tmp_path)
+    assert digits.returncode == 0, digits.stderr
+    dataset_block = digits.stdout.split("\nmodel:")[0]
+    for key in ("shape:", "num_classes:", "train_size:", "val_size:", "image_size:", "workers:"):
+        assert key not in dataset_block, key
+    assert "effective:" in digits.stdout and "train_size: 1536" in digits.stdout  # the run's own, derived
+    synthetic = run_main("--cfg", "job", "dataset=synthetic", cwd=tmp_path)
+    block = synthetic.stdout.split("\nmodel:")[0]
+    assert "shape:" in block and "train_size: 1024" in block and "image_size:" not in block
+    assert not (tmp_path / "outputs").exists()
