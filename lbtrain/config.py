@@ -52,6 +52,7 @@ class Schedule(Enum):
     step = "step"  # the recipe's milestones (or explicit points): piecewise constant
     cosine = "cosine"  # lr (1 + cos(pi t / T)) / 2 per update after warm-up, down to 0
     linear = "linear"  # lr (1 - t / T) per update after warm-up, down to 0
+    constant = "constant"  # lr after warm-up, to the end (with ewa.decay: Zhang et al.'s critical-batch runs)
 
 
 class Precision(Enum):
@@ -66,6 +67,9 @@ class DatasetConfig:
     download: bool = False
     augment: bool = False  # pad-4 random crop + horizontal flip
     subset: int | None = None  # train on a class-balanced subset of this many samples (fixed across seeds)
+    # hold out this many class-balanced training samples (fixed seed) as the validation split (target detection,
+    # trial selection); the official validation split becomes the test split, evaluated at the end only
+    holdout: int | None = None
     cutout: int = 0  # side of a cutout square per training image (DeVries & Taylor 2017); 0 = off
     # synthetic only
     shape: list[int] = field(default_factory=lambda: [3, 32, 32])
@@ -144,6 +148,26 @@ class CheckpointConfig:
 
 
 @dataclass
+class TargetConfig:
+    """Stop at a target (steps to target, Shallue et al. 2018): at the first evaluation whose validation error
+    (or loss) is at or below it. Evaluations are then spaced at most `resolution` of the update count apart (every
+    update up to 1/resolution updates, then every ceil(resolution t)), on the validation split (the holdout split
+    with dataset.holdout=N)."""
+
+    error: float | None = None
+    loss: float | None = None
+    resolution: float = 0.02
+
+
+@dataclass
+class EWAConfig:
+    """Exponential weight averaging (Zhang et al. 2024): evaluation uses w_avg <- d w_avg + (1 - d) w after every
+    update, d = min(decay, (1 + t) / (10 + t)) (the usual warm-up of the average); null: off."""
+
+    decay: float | None = None
+
+
+@dataclass
 class SharpnessConfig:
     """Top Hessian eigenvalue (Lanczos) and Hessian trace (Hutchinson) of the training loss; see
     lbtrain/instruments/sharpness.py. Costs (iters + trace_samples) Hessian-vector products over `samples`."""
@@ -181,6 +205,8 @@ class Config:
     eval_every: int = 1  # epochs between validations; 0: only at the end
     eval_per_decade: int = 0  # also validate at this many log-spaced updates per decade (steps-to-target curves)
     diverge_loss: float = 1e4  # a train loss above this (or non-finite) marks the run diverged
+    target: TargetConfig = field(default_factory=TargetConfig)  # stop at a validation error / loss
+    ewa: EWAConfig = field(default_factory=EWAConfig)  # evaluate an exponential average of the weights
     # instruments: they observe, never change training (not part of a run's identity)
     gns: bool = False  # gradient noise scale B_simple at log steps (McCandlish et al. 2018)
     sharpness: SharpnessConfig = field(default_factory=SharpnessConfig)
@@ -304,6 +330,17 @@ def validate(cfg: Any, world_size: int = 1) -> None:
     except DatasetKeyError as e:
         raise ConfigError(e.key, e.value, e.allowed) from None
     _positive_int("duplicates", cfg.duplicates)
+    t = cfg.target
+    if t.error is not None and not 0 < t.error < 1:
+        raise ConfigError("target.error", t.error, "must be a validation error in (0, 1)")
+    if t.loss is not None:
+        _positive("target.loss", t.loss)
+    if t.error is not None and t.loss is not None:
+        raise ConfigError("target.loss", t.loss, "give one target: target.error or target.loss")
+    if not (isinstance(t.resolution, (int, float)) and 0 < t.resolution <= 0.5):
+        raise ConfigError("target.resolution", t.resolution, "must be in (0, 0.5] (a fraction of the update count)")
+    if cfg.ewa.decay is not None and not 0 < cfg.ewa.decay < 1:
+        raise ConfigError("ewa.decay", cfg.ewa.decay, "must be in (0, 1) (null: off)")
     if not isinstance(cfg.eval_per_decade, int) or cfg.eval_per_decade < 0:
         raise ConfigError("eval_per_decade", cfg.eval_per_decade, "must be an integer >= 0 (0: off)")
     instruments.check(cfg, None)  # each instrument's own options (those that need no data)

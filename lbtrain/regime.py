@@ -11,8 +11,10 @@ A run is planned once, from the config and the training-set size, into a `Plan`.
 
 LR shapes (`base.schedule`): `step` is the recipe's piecewise-constant schedule (milestones + gamma, or explicit
 `lr_schedule` points), stretched by `epochs=` and `adapt`; `cosine` is `lr * (1 + cos(pi t / T)) / 2` and
-`linear` is `lr * (1 - t / T)`, per update, over the T updates after warm-up, down to 0 at the last update (they
-take the recipe's `lr` and ignore its milestones). Every shape starts with the regime's linear warm-up from
+`linear` is `lr * (1 - t / T)`, per update, over the T updates after warm-up, down to 0 at the last update;
+`constant` keeps `lr` to the end (with EWA, the schedule of Zhang et al.'s critical-batch runs: steps to a target
+then do not depend on the run's length). The shapes other than `step` take the recipe's `lr` and ignore its
+milestones. Every shape starts with the regime's linear warm-up from
 `base.lr` to the scaled LR.
 
 Smith et al.'s momentum rule (`regime.momentum`): the SGD noise scale g = lr N / (B (1 - m)) stays the base
@@ -31,7 +33,7 @@ from typing import Any
 from lbtrain.config import ConfigError, LRScaling
 from lbtrain.data.registry import train_size as catalog_train_size
 
-SCHEDULES = ("step", "cosine", "linear")
+SCHEDULES = ("step", "cosine", "linear", "constant")
 # A plan longer than this is a typo (epochs=1e9), refused before its per-epoch tables would fill the memory.
 # ImageNet at batch 1 for 10k epochs is ~1.3e10 updates; the largest shipped adapt regime has ~6400 epochs.
 MAX_EPOCHS = 10**6
@@ -58,7 +60,7 @@ class Plan:
     lr_updates: tuple[int, ...]  # updates where a piecewise-constant LR phase starts (first is 0)
     lr_values: tuple[float, ...]
     warmup_updates: int
-    schedule: str = "step"  # step | cosine | linear
+    schedule: str = "step"  # step | cosine | linear | constant
     duplicates: int = 1  # copies of each distinct sample in a step (batch augmentation)
     base_noise_scale: float | None = None  # the base recipe's g at update 0 (for the momentum rule)
 
@@ -66,6 +68,8 @@ class Plan:
         """LR used by the optimizer step that produces update number `update + 1` (0-based step)."""
         if self.schedule == "step":
             lr = self.lr_values[bisect.bisect_right(self.lr_updates, update) - 1]
+        elif self.schedule == "constant":
+            lr = self.lr
         else:
             span = max(self.total_updates - self.warmup_updates, 1)
             t = min(max(update - self.warmup_updates, 0), span) / span
@@ -90,6 +94,15 @@ class Plan:
         distinct = self.batch_at(update) // self.duplicates
         return self.lr_at(update) * self.train_size / (distinct * (1 - self.momentum))
 
+    def samples_at(self, update: int) -> int:
+        """Training samples (copies included) processed by the first `update` updates."""
+        done, e = 0, 0
+        while e < len(self.epoch_start) and self.epoch_start[e] < update:
+            steps = min(update, self.epoch_start[e] + self.epoch_steps[e]) - self.epoch_start[e]
+            done += steps * self.epoch_batches[e]
+            e += 1
+        return done
+
     @property
     def num_epochs(self) -> int:
         """Epochs touched by the run (the last one may be partial)."""
@@ -102,6 +115,8 @@ class Plan:
         ]
         if self.schedule == "step":
             lr_schedule = [[u, v] for u, v in zip(self.lr_updates, self.lr_values)]  # [[update, lr], ...]
+        elif self.schedule == "constant":  # the LR after warm-up, to the end
+            lr_schedule = [[self.warmup_updates, self.lr]]
         else:  # the shape's end points: the peak after warm-up and 0 at the last update
             lr_schedule = [[self.warmup_updates, self.lr], [self.total_updates, 0.0]]
         return {

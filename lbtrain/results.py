@@ -50,6 +50,8 @@ class Results:
     final_val_error: float | None = None
     final_val_loss: float | None = None
     best_val_error: float | None = None
+    final_test_error: float | None = None  # dataset.holdout: the official validation split, evaluated at the end
+    final_test_loss: float | None = None
     updates: int = 0
     planned_updates: int | None = None  # the plan's length (max_steps may stop a run before it)
     target_updates: int | None = None  # where this run stops: min(planned_updates, max_steps)
@@ -62,6 +64,9 @@ class Results:
     effective: dict[str, Any] = field(default_factory=dict)  # the plan (regime.Plan.summary())
     world_size: int = 1
     train_size: int | None = None  # samples trained on (the subset's size when dataset.subset is set)
+    # stop at a target (target.error / target.loss): {"metric", "value", "split", "reached", "update", "samples",
+    # "resolution"} - the first evaluation at or below the target, and the largest gap between evaluations there
+    target: dict[str, Any] | None = None
     instruments: dict[str, Any] = field(default_factory=dict)  # name -> its results (top-level keys in the file)
     version: str | None = None  # lbtrain version that wrote the file
     extra: dict[str, Any] = field(default_factory=dict)  # keys this version does not know (kept when rewriting)

@@ -33,8 +33,9 @@ import lbtrain
 from lbtrain import distributed
 from lbtrain.checkpoint import CHECKPOINT_KEYS, CheckpointError, atomic_write_json, load_checkpoint, save_checkpoint
 from lbtrain.config import ConfigError
-from lbtrain.data import load_dataset, make_loaders
+from lbtrain.data import load_dataset, make_loaders, make_test_loader
 from lbtrain.devices import pick_device
+from lbtrain.ewa import WeightAverage, target_steps
 from lbtrain.ghost_bn import apply_deferred_stats, convert_to_ghost_bn, defer_running_stats
 from lbtrain.instruments import base as instruments
 from lbtrain.metrics import fit_log, log_spaced_steps, weight_distance
@@ -89,6 +90,10 @@ class RunState:
     wall: float = 0.0  # seconds of fit() so far, over all attempts
     images: int = 0  # training images processed
     diverged_at: int | None = None
+    target_update: int | None = None  # first evaluation at or below target.error / target.loss
+    target_gap: int | None = None  # updates since the evaluation before it (the crossing's resolution)
+    last_eval: int = 0  # update of the last evaluation
+    last_test: dict[str, float] = field(default_factory=dict)  # the test split at the end (dataset.holdout)
     # On the device, summed since the last log step: loss * n, correct, n; and the last gradient norm.
     acc: torch.Tensor = field(init=False)
     grad_norm: torch.Tensor = field(init=False)
@@ -106,7 +111,9 @@ class RunState:
         return {"step": self.step, "epochs_done": self.epochs_done, "status": self.status,
                 "best_val_error": self.best_val_error, "last_val": dict(self.last_val),
                 "distances": list(self.distances), "wall": self.wall, "images": self.images,
-                "diverged_at": self.diverged_at,  # tensors: torch.save copies them to the host itself
+                "diverged_at": self.diverged_at, "target_update": self.target_update, "target_gap": self.target_gap,
+                "last_eval": self.last_eval, "last_test": dict(self.last_test),
+                # tensors: torch.save copies them to the host itself
                 "acc": self.acc.detach().clone(), "grad_norm": self.grad_norm.detach().clone(),  # (a read here
                 "block": self.block.detach().clone()}  # would be a sync)
 
@@ -115,6 +122,8 @@ class RunState:
         self.best_val_error, self.last_val = float(d["best_val_error"]), dict(d["last_val"])
         self.distances = [(int(s), float(v)) for s, v in d["distances"]]
         self.wall, self.images, self.diverged_at = float(d["wall"]), int(d["images"]), d["diverged_at"]
+        self.target_update, self.target_gap = d.get("target_update"), d.get("target_gap")
+        self.last_eval, self.last_test = int(d.get("last_eval", 0)), dict(d.get("last_test", {}))
         self.acc = d["acc"].to(self.device)
         self.grad_norm = d["grad_norm"].to(self.device)
         if "block" in d:  # (checkpoints written before blocks existed: the block starts empty)
@@ -241,6 +250,7 @@ class Trainer:
         self.train_loader, self.val_loader = make_loaders(
             data, device=dev, seed=cfg.seed, channels_last=cfg.channels_last, duplicates=cfg.duplicates,
             cutout=cfg.dataset.cutout)
+        self.test_loader = make_test_loader(data, device=dev, seed=cfg.seed, channels_last=cfg.channels_last)
 
         model = build_model(cfg.model, data.num_classes, data.input_shape)
         if self.plan.ghost_batch:
@@ -260,6 +270,9 @@ class Trainer:
         self.micro_batch, self.grad_clip = cfg.micro_batch, b.grad_clip
         self.log_every, self.every_steps = cfg.log_every, cfg.checkpoint.every_steps
         self.w0 = [p.detach().clone() for p in self.params]
+        self.ewa = WeightAverage(model, cfg.ewa.decay) if cfg.ewa.decay else None
+        t = cfg.target
+        self.target = ("error", t.error) if t.error is not None else ("loss", t.loss) if t.loss is not None else None
         self.autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision.name == "bf16")
         self.state = RunState(dev)
         self._pending: list[tuple[int, torch.Tensor]] = []  # distances measured on the device, not yet read
@@ -288,6 +301,10 @@ class Trainer:
         self.distance_steps = log_spaced_steps(self.plan.total_updates)
         per_decade = cfg.eval_per_decade
         self.eval_steps = log_spaced_steps(self.plan.total_updates, per_decade) if per_decade else set()
+        if self.target:  # steps to target at a fine resolution (see lbtrain.ewa.target_steps)
+            self.eval_steps |= target_steps(self.plan.total_updates, cfg.target.resolution)
+        if self.ewa and checkpoint and "ewa" in checkpoint:
+            self.ewa.load_state_dict(checkpoint["ewa"])
         self.instruments = instruments.attach(self)
         saved = (checkpoint or {}).get("instruments") or {}
         for name, inst in self.instruments.items():  # an instrument's state (e.g. the noise scale's averages)
@@ -325,6 +342,7 @@ class Trainer:
                 "state": st.state_dict(), "rng": rng, "identity": self.identity,
                 "identity_hash": self.identity_hash, "plan": self.plan.summary(),
                 "instruments": {name: inst.state_dict() for name, inst in self.instruments.items()},
+                **({"ewa": self.ewa.state_dict()} if self.ewa else {}),
             }, meta={"identity": self.identity, "identity_hash": self.identity_hash, "status": st.status,
                      "step": st.step, "version": lbtrain.__version__})
 
@@ -392,14 +410,19 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, loader: Any = None) -> dict[str, float]:
+        """Loss and error on `loader` (the validation split by default), with the averaged weights under EWA."""
         self.sync_buffers()
         self.model.eval()
         net = self.net if not self.cfg.compile else self.model
+        if self.ewa:
+            net = self.ewa.model(self.net)
+            net.eval()
         totals = torch.zeros(3, device=self.device)  # loss sum, correct, count
         # micro_batch is what fits in memory; without it, at least the training batch does
         eval_batch = self.micro_batch or max(self.batch // self.dist.world, 256)
-        for x, y in self.val_loader.eval_batches(eval_batch * self.dist.world, self.dist.rank, self.dist.world):
+        loader = loader or self.val_loader
+        for x, y in loader.eval_batches(eval_batch * self.dist.world, self.dist.rank, self.dist.world):
             with self.autocast:
                 out = net(x)
             totals[0] += F.cross_entropy(out.float(), y, reduction="sum")
@@ -410,12 +433,22 @@ class Trainer:
         return {"val/loss": loss / count, "val/error": 1.0 - correct / count}
 
     def validate(self) -> None:
-        """Evaluate now and record it (val/* at this update, best error)."""
+        """Evaluate now and record it (val/* at this update, best error; the target's crossing)."""
         st = self.state
         st.last_val = self.evaluate()
         st.best_val_error = min(st.best_val_error, st.last_val["val/error"])
         self.tb.scalars(st.step, st.last_val)
+        if self.target and st.target_update is None and st.last_val[f"val/{self.target[0]}"] <= self.target[1]:
+            st.target_update, st.target_gap = st.step, st.step - st.last_eval
+            log.info("target val %s <= %g reached at update %d (resolution %d updates)", self.target[0],
+                     self.target[1], st.step, st.target_gap)
+        st.last_eval = st.step
         self._tick = time.perf_counter()  # evaluation time is not training throughput
+
+    @property
+    def reached(self) -> bool:
+        """The run reached its target (it stops there)."""
+        return self.state.target_update is not None
 
     # ----------------------------------------------------------------------------------------------- logging
     def log_train(self, interval_images: int, interval_time: float) -> float:
@@ -485,7 +518,10 @@ class Trainer:
                     if st.status != "running" or self._end_of_epoch(epoch):
                         break
                 if st.status == "running":
-                    st.status = "completed"
+                    st.status = "completed"  # (at the plan's end, or at the target)
+                if self.test_loader is not None and not st.last_test:  # dataset.holdout: the test split, once
+                    st.last_test = {k.replace("val/", "test/"): v for k, v in self.evaluate(self.test_loader).items()}
+                    self.tb.scalars(st.step, st.last_test)
                 self._checkpoint(final=True)
             except Interrupted as e:
                 st.status = "interrupted"
@@ -516,6 +552,8 @@ class Trainer:
         for g in self.opt.param_groups:
             g["lr"] = self.plan.lr_at(st.step)
         self.train_step(x, y, self._log_now)
+        if self.ewa:
+            self.ewa.update(self.params)
         st.step += 1
         self._tick_images += self._epoch_batch
         self._bar.update(1)
@@ -550,6 +588,8 @@ class Trainer:
         within = st.step < self._epoch_last  # (the epoch's end validates and checkpoints itself)
         if within and st.step in self.eval_steps:
             self.validate()
+            if self.reached:
+                return False
         if within and self.every_steps and st.step % self.every_steps == 0:
             self._checkpoint()
         stop = bool(self._preempt.received)
@@ -565,8 +605,9 @@ class Trainer:
         final = st.step >= self.target_updates
         self.log_distance()
         self.flush_distances()
-        if final or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
+        if final or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or st.step in self.eval_steps:
             self.validate()
+        final = final or self.reached
         if self.dist.main:  # printed above the progress bar in a terminal, always in lbtrain.log
             val = f" val_err {st.last_val['val/error']:.4f}" if st.last_val else ""
             log.info("epoch %d/%d update %d/%d lr %.4g batch %d dist %.3f%s", epoch + 1, self.plan.num_epochs,
@@ -644,7 +685,19 @@ class Trainer:
             # a diverged run's fit describes its blow-up, not diffusion: not reported
             distance_fit={**(fit if st.status != "diverged" else dict.fromkeys(fit)), "points": len(pts)},
             diverged_at=st.diverged_at, world_size=self.dist.world, train_size=plan.train_size,
+            final_test_error=st.last_test.get("test/error"), final_test_loss=st.last_test.get("test/loss"),
+            target=self._target_record(),
             version=lbtrain.__version__, instruments={k: v for k, v in measured.items() if v is not None})
+
+    def _target_record(self) -> dict[str, Any] | None:
+        """results.json's `target`: where the run first evaluated at or below its target, and how finely."""
+        if not self.target:
+            return None
+        st, hit = self.state, self.state.target_update
+        return {"metric": self.target[0], "value": self.target[1],
+                "split": "holdout" if self.cfg.dataset.holdout else "val", "reached": hit is not None,
+                "update": hit, "samples": self.plan.samples_at(hit) if hit is not None else None,
+                "resolution": st.target_gap, "max_resolution": self.cfg.target.resolution}
 
     def _write_results(self, status: str | None = None, error: str | None = None) -> dict[str, Any]:
         res = self.results(status, error).to_dict()

@@ -49,6 +49,7 @@ _LAZY = {
     "DeviceLoader": "lbtrain.data.loaders",
     "ImageFolderLoader": "lbtrain.data.loaders",
     "make_loaders": "lbtrain.data.loaders",
+    "make_test_loader": "lbtrain.data.loaders",
 }
 
 __all__ = ["DATASETS", "REGISTRY", "DatasetEntry", "DatasetKeyError", "DatasetNotFoundError", "Loader",

@@ -19,6 +19,7 @@ from lbtrain.data.registry import REGISTRY, entry, option
 
 __all__ = ["ArrayDataset", "ImageFolderDataset", "SUBSET_SEED", "class_balanced_subset", "load_dataset"]
 
+HOLDOUT_SEED = 20172  # dataset.holdout is drawn with this fixed seed (never the run's), before any subset
 SUBSET_SEED = 20171  # dataset.subset is drawn with this fixed seed, never the run's: every run of a sweep
 # trains on the same samples
 _IMAGENET = REGISTRY["imagenet"]
@@ -37,6 +38,9 @@ class ArrayDataset:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     augment: bool = False  # pad-4 random crop + horizontal flip for the training split
+    # with dataset.holdout: the official validation split, evaluated at the end only (val_* is then the holdout)
+    test_x: Tensor | None = None
+    test_y: Tensor | None = None
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -87,6 +91,14 @@ def load_dataset(cfg: Any) -> ArrayDataset | ImageFolderDataset:
     ds = e.loader()(e, cfg)
     if isinstance(ds, ArrayDataset):  # a folder-streamed dataset reads `augment` itself and takes no subset
         ds.augment = bool(option(cfg, "augment", False))
+        holdout = option(cfg, "holdout")
+        if holdout:
+            hold = class_balanced_subset(ds.train_y, int(holdout), ds.num_classes, seed=HOLDOUT_SEED)
+            rest = torch.ones(ds.train_size, dtype=torch.bool)
+            rest[hold] = False
+            ds.test_x, ds.test_y = ds.val_x, ds.val_y
+            ds.val_x, ds.val_y = ds.train_x[hold].contiguous(), ds.train_y[hold]
+            ds.train_x, ds.train_y = ds.train_x[rest].contiguous(), ds.train_y[rest]
         subset = option(cfg, "subset")
         if subset:
             keep = class_balanced_subset(ds.train_y, int(subset), ds.num_classes)

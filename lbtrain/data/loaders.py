@@ -24,7 +24,7 @@ from torch import Tensor
 from lbtrain.data.contract import Loader
 from lbtrain.data.datasets import ArrayDataset, ImageFolderDataset
 
-__all__ = ["PAD", "DeviceLoader", "ImageFolderLoader", "make_loaders"]
+__all__ = ["PAD", "DeviceLoader", "ImageFolderLoader", "make_loaders", "make_test_loader"]
 
 PAD = 4  # pixels of zero padding for the random-crop augmentation (standard CIFAR recipe)
 
@@ -375,3 +375,12 @@ def make_loaders(ds: ArrayDataset | ImageFolderDataset, *, device: torch.device 
     return (DeviceLoader(ds.train_x, ds.train_y, ds.mean, ds.std, augment=aug, duplicates=duplicates, cutout=cutout,
                          **kw),
             DeviceLoader(ds.val_x, ds.val_y, ds.mean, ds.std, augment=False, **kw))
+
+
+def make_test_loader(ds: ArrayDataset | ImageFolderDataset, *, device: torch.device | str, seed: int,
+                     channels_last: bool = False, dtype: torch.dtype = torch.float32) -> Loader | None:
+    """The test split's loader when `dataset.holdout` moved the official validation split there (else None)."""
+    if not isinstance(ds, ArrayDataset) or ds.test_x is None:
+        return None
+    return DeviceLoader(ds.test_x, ds.test_y, ds.mean, ds.std, augment=False, device=device, seed=seed,
+                        channels_last=channels_last, dtype=dtype)

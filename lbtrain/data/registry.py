@@ -188,9 +188,13 @@ def full_train_size(dataset_cfg: Any) -> int | None:
 
 
 def train_size(dataset_cfg: Any) -> int | None:
-    """Samples a run trains on: `dataset.subset` when set, else the whole training split (None if unknown)."""
+    """Samples a run trains on: `dataset.subset` when set, else the whole training split less the `holdout`
+    samples (None if unknown)."""
     subset = option(dataset_cfg, "subset")
-    return int(subset) if subset else full_train_size(dataset_cfg)
+    if subset:
+        return int(subset)
+    full = full_train_size(dataset_cfg)
+    return None if full is None else full - int(option(dataset_cfg, "holdout") or 0)
 
 
 def facts(dataset_cfg: Any) -> tuple[int, int, tuple[int, int, int]]:
@@ -239,9 +243,21 @@ def validate_dataset(ds: Any, defaults: Any) -> None:
         raise DatasetKeyError("dataset.cutout", cutout, "must be an integer >= 0 (0: no cutout)")
     if cutout and not e.in_memory:
         raise DatasetKeyError("dataset.cutout", cutout, f"is not available for {ds.name} (in-memory datasets only)")
+    holdout = option(ds, "holdout")
+    if holdout is not None:
+        _positive_int("dataset.holdout", holdout)
+        full = e.for_config(ds).train_size
+        if not e.in_memory:
+            raise DatasetKeyError("dataset.holdout", holdout, f"is not available for {ds.name} (in-memory datasets "
+                                  "only)")
+        if full is not None and holdout >= full:
+            raise DatasetKeyError("dataset.holdout", holdout, f"must be less than the training set's {full} samples")
     subset = option(ds, "subset")
     if subset is not None:
         _positive_int("dataset.subset", subset)
         full = e.for_config(ds).train_size
+        if full is not None and holdout:
+            full -= holdout
         if full is not None and subset > full:
-            raise DatasetKeyError("dataset.subset", subset, f"must be at most the training set's {full} samples")
+            raise DatasetKeyError("dataset.subset", subset, f"must be at most the training set's {full} samples"
+                                  + (" left after the holdout" if holdout else ""))

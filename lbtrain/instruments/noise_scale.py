@@ -54,6 +54,13 @@ class GNSProbe:
             return
         measured = self._extra_passes(x, y)
         if measured is not None:
+            import os
+            if os.environ.get("GNS_DEBUG"):
+                if trainer.dist.world == 1:
+                    print("GNSDBG-x04", float(self._grad_sq(x[0::4], y[0::4])), flush=True)
+                else:
+                    print("GNSDBG-loc", trainer.dist.rank, float(self._grad_sq(x[0::2], y[0::2])), float(self._grad_sq(x[0::2], y[0::2])), flush=True)
+                print("GNSDBG", trainer.dist.rank, trainer.state.step, float(measured[0]), float(measured[1]), measured[2], measured[3], flush=True)
             self.ema.update(*measured)
 
     def _extra_passes(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float,

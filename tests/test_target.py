@@ -1,0 +1,124 @@
+"""Steps to a target (stop at target.error, evaluations at most 2% apart), the held-out validation split, the
+constant LR shape and exponential weight averaging: checked against closed forms and the runs' own records."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+
+import pytest
+import torch
+from helpers import make_cfg, only_run, run_cli, scalars
+
+from lbtrain.data import load_dataset
+from lbtrain.ewa import WeightAverage, target_steps
+from lbtrain.regime import make_plan
+from lbtrain.trainer import Trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_target_steps_are_at_most_the_resolution_apart():
+    for total, r in ((40, 0.02), (5000, 0.02), (20000, 0.05)):
+        s = sorted(target_steps(total, r))
+        assert s[0] == 1 and s[-1] == total
+        assert all(b - a <= max(1, math.ceil(r * a)) for a, b in zip(s, s[1:]))
+        assert all(b - a == 1 for a, b in zip(s, s[1:]) if b <= 1 / r)  # every update at the start
+
+
+def test_constant_schedule_keeps_the_lr_after_warmup():
+    plan = make_plan(make_cfg("base.schedule=constant", "regime=linear", "batch=64", "regime.warmup_epochs=1"), 1536)
+    w = plan.warmup_updates
+    assert w == 24 and plan.lr == pytest.approx(0.1 * 64 / 16)
+    assert [plan.lr_at(u) for u in (w, w + 1, plan.total_updates - 1)] == [plan.lr] * 3
+    assert plan.lr_at(0) == pytest.approx(0.1) and plan.lr_at(w // 2) == pytest.approx(0.1 + (0.4 - 0.1) / 2)
+    assert plan.summary()["lr_schedule"] == [[w, plan.lr]]
+
+
+def test_samples_at_follows_a_growing_batch():
+    plan = make_plan(make_cfg("regime=batch_increase", "epochs=4", "base.milestones=[1,2]", "base.gamma=0.5"), 1536)
+    # epoch 0: 96 updates of 16, epoch 1: 48 of 32, epochs 2-3: 24 of 64 each
+    assert plan.epoch_batches == (16, 32, 64, 64)
+    assert plan.samples_at(96) == 1536 and plan.samples_at(100) == 1536 + 4 * 32
+    assert plan.samples_at(plan.total_updates) == 4 * 1536
+
+
+def test_the_run_stops_at_its_target_and_records_where(tmp_path):
+    t = Trainer(make_cfg("target.error=0.12", "progress=false", "threads=1"), tmp_path)
+    t.setup()
+    res = t.fit()
+    tgt = res["target"]
+    val = scalars(tmp_path)["val/error"]
+    first = next(step for step, err in val if err <= 0.12)  # recomputed from TensorBoard
+    assert tgt["reached"] and tgt["update"] == first == res["updates"] < res["planned_updates"]
+    assert tgt["samples"] == first * 16 and tgt["split"] == "val" and res["status"] == "completed"
+    before = max(step for step, _ in val if step < first)
+    assert tgt["resolution"] == first - before <= max(1, math.ceil(0.02 * first))
+
+
+def test_holdout_is_class_balanced_disjoint_and_fixed(tmp_path):
+    ds = load_dataset(make_cfg("dataset.holdout=200").dataset)
+    full = load_dataset(make_cfg().dataset)
+    assert ds.train_size == 1536 - 200 and ds.val_size == 200
+    assert torch.equal(ds.test_x, full.val_x)  # the official validation split became the test split
+    counts = torch.bincount(ds.val_y, minlength=10)
+    assert counts.min() >= 20 and counts.max() <= 20
+    rows = {tuple(r) for r in full.train_x.flatten(1).tolist()}
+    held = [tuple(r) for r in ds.val_x.flatten(1).tolist()]
+    trained = {tuple(r) for r in ds.train_x.flatten(1).tolist()}
+    assert all(r in rows for r in held) and not (set(held) & trained)
+    again = load_dataset(make_cfg("dataset.holdout=200", "seed=5").dataset)
+    assert torch.equal(again.val_x, ds.val_x)  # never the run's seed
+    t = Trainer(make_cfg("dataset.holdout=200", "max_steps=3", "progress=false", "threads=1"), tmp_path)
+    t.setup()
+    res = t.fit()
+    assert res["train_size"] == 1336 and res["final_test_error"] is not None
+    assert "test/error" in scalars(tmp_path)
+
+
+def test_weight_average_matches_its_formula():
+    net = torch.nn.Linear(3, 2)
+    avg = WeightAverage(net, decay=0.9)
+    expect = [p.detach().clone() for p in net.parameters()]
+    for t in range(1, 6):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(1.0)
+        d = min(0.9, (1 + t) / (10 + t))
+        expect = [d * e + (1 - d) * p.detach() for e, p in zip(expect, net.parameters())]
+        avg.update(list(net.parameters()))
+    for a, e in zip(avg.params, expect):
+        assert torch.allclose(a, e, atol=1e-6)
+    other = WeightAverage(net, decay=0.9)
+    other.load_state_dict(avg.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(other.params, avg.params)) and other.updates == 5
+
+
+def test_ewa_survives_an_interruption_bit_for_bit(tmp_path):
+    from lbtrain.checkpoint import load_checkpoint
+
+    args = ("ewa.decay=0.95", "max_steps=30", "checkpoint.every_steps=7", "deterministic=true")
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    assert run_cli(*args, cwd=ref).returncode == 0
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    p = run_cli(*args, cwd=cut, env={"LBTRAIN_TEST_SIGNAL": "SIGTERM@12"})
+    assert p.returncode == 128 + signal.SIGTERM, p.stderr[-2000:]
+    assert run_cli(*args, cwd=cut).returncode == 0
+    a = load_checkpoint(only_run(ref / "outputs" / "digits") / "checkpoint.pt")
+    b = load_checkpoint(only_run(cut / "outputs" / "digits") / "checkpoint.pt")
+    assert a["ewa"]["updates"] == b["ewa"]["updates"] == 30
+    assert all(torch.equal(x, y) for x, y in zip(a["ewa"]["params"], b["ewa"]["params"]))
+    res = json.loads((only_run(cut / "outputs" / "digits") / "results.json").read_text())
+    assert res["final_val_error"] is not None
+
+
+def test_target_keys_are_checked():
+    from lbtrain.config import ConfigError, validate
+
+    for bad, msg in ((("target.error=1.5",), "target.error"), (("target.error=0.1", "target.loss=0.5"), "one target"),
+                     (("ewa.decay=1.0",), "ewa.decay"), (("target.resolution=0",), "target.resolution")):
+        with pytest.raises(ConfigError, match=msg):
+            validate(make_cfg(*bad))
