@@ -154,7 +154,7 @@ class Preflight(Callback):
 
             HydraConfig.instance().set_config(config)  # so ${hydra:...} in hydra.run.dir resolves
             run_dir = _run_dir_of(config)
-            _prepared[run_dir.absolute()] = prepare(task, run_dir, lock=True)
+            _prepared[run_dir.absolute()] = prepare(task, run_dir, lock=True, validated=True)
         except USER_ERRORS + (OSError, OmegaConfBaseException) as e:
             raise Rejected(e) from e
         except Exception as e:  # noqa: BLE001 - anything else before training is a refusal too, in one line

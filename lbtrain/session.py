@@ -127,9 +127,12 @@ def _plan_and_model(cfg: Any, world: int, size: int, classes: int,
     return plan, has_bn, bn_batch
 
 
-def check_config(cfg: Any, world: int = 1, *, local_rank: int = 0, check_data: bool = True) -> dict[str, Any]:
-    """Every check of the configuration that needs no run folder; returns the facts `Prepared` is made of."""
-    validate(cfg, world)
+def check_config(cfg: Any, world: int = 1, *, local_rank: int = 0, check_data: bool = True,
+                 validated: bool = False) -> dict[str, Any]:
+    """Every check of the configuration that needs no run folder; returns the facts `Prepared` is made of.
+    `validated`: the caller already ran `lbtrain.config.validate` (the CLI does, before importing torch)."""
+    if not validated:
+        validate(cfg, world)
     if cfg.model.name not in MODEL_NAMES:
         raise ConfigError("model.name", cfg.model.name, f"allowed: {', '.join(MODEL_NAMES)}")
     o = cfg.optimizer
@@ -163,13 +166,15 @@ def precheck(cfg: Any) -> None:
 
 
 def prepare(cfg: Any, run_dir: str | Path, *, lock: bool = False, verify: bool = True,
-            check_data: bool = True) -> Prepared:
+            check_data: bool = True, validated: bool = False) -> Prepared:
     """Prepare a run (see the module docstring). `lock`: take the run folder's lock (rank 0), making the folder;
-    `verify`: load the checkpoint it will resume from and check it (kept in `Prepared.checkpoint`)."""
+    `verify`: load the checkpoint it will resume from and check it (kept in `Prepared.checkpoint`); `validated`:
+    `lbtrain.config.validate` already accepted `cfg`."""
     world = distributed.env_world()
     facts = _checked.pop(_key(cfg, world), None) if _checked else None
     if facts is None:
-        facts = check_config(cfg, world.world, local_rank=world.local_rank, check_data=check_data)
+        facts = check_config(cfg, world.world, local_rank=world.local_rank, check_data=check_data,
+                             validated=validated)
     run_dir = Path(run_dir)
     if run_dir.is_file():
         raise OSError(20, "Not a directory", str(run_dir))

@@ -32,10 +32,15 @@ def count_checks(monkeypatch):
     return calls
 
 
-def test_a_single_run_is_checked_once(tmp_path, count_checks):
+def test_a_single_run_is_checked_once(tmp_path, count_checks, monkeypatch):
+    import lbtrain.config as config
+
+    validated: list[int] = []
+    real = config.check_known_keys  # the first thing `validate` does
+    monkeypatch.setattr(config, "check_known_keys", lambda cfg: (validated.append(1), real(cfg))[1])
     p = run_main("max_steps=3", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
-    assert len(count_checks) == 1
+    assert len(count_checks) == 1 and len(validated) == 1
 
 
 def test_each_sweep_job_is_checked_once(tmp_path, count_checks):
