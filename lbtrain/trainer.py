@@ -297,7 +297,9 @@ class Trainer:
                 self.model = torch.nn.parallel.DistributedDataParallel(
                     model, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False)
         if cfg.compile:
-            self.model = torch.compile(self.model)
+            # dynamic=False: one graph per batch size (a schedule has a few). With dynamic shapes, inductor cannot
+            # compile ghost BN's reshapes of a symbolic batch on conv models (batch_increase + compile failed).
+            self.model = torch.compile(self.model, dynamic=False)
         self.distance_steps = log_spaced_steps(self.plan.total_updates)
         per_decade = cfg.eval_per_decade
         self.eval_steps = log_spaced_steps(self.plan.total_updates, per_decade) if per_decade else set()
