@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from lbtrain.analysis import regimes, scaling
+from lbtrain.analysis import critical, regimes, scaling
 from lbtrain.analysis.figures import (
     color,
     differences,
@@ -448,10 +448,13 @@ def matches(run: Run, where: dict[str, list[str]]) -> bool:
 
 
 def summarize(paths: Iterable[str | Path], out_dir: str | Path, figures: bool = True,
-              target_error: float | None = None, where: dict[str, list[str]] | None = None) -> dict[str, Any]:
+              target_error: float | None = None, where: dict[str, list[str]] | None = None,
+              critical_batch: bool | None = None, overhead: float = critical.OVERHEAD) -> dict[str, Any]:
     """Find the runs (those matching `where`, when given), write tables (and figures) into `out_dir`; returns the
     tables and the written files. With `target_error`, or when runs measured the noise scale or sharpness, the
-    scaling section too (lbtrain.analysis.scaling)."""
+    scaling section too (lbtrain.analysis.scaling); with `critical_batch` (None: when some run carries a target
+    block, as a search's runs do), the critical-batch section (lbtrain.analysis.critical, `overhead` for Zhang et
+    al.'s criterion)."""
     paths = [Path(p) for p in paths]
     runs = find_runs(paths)
     if not runs:
@@ -467,6 +470,10 @@ def summarize(paths: Iterable[str | Path], out_dir: str | Path, figures: bool = 
     if figures:
         files += write_figures(runs, out_dir)
     more, extra = scaling.write_scaling(runs, Path(out_dir), target_error, figures)
+    if critical_batch or (critical_batch is None and critical.has_targets(runs)):
+        crit, crit_files, studies = critical.write_critical(runs, out_dir, overhead, figures)
+        more = {**more, **crit, "critical_studies": studies, "critical_section": critical.section(crit, studies)}
+        extra += crit_files
     return {**tables, **more, "table1_omitted": omitted, "files": files + extra, "runs_found": runs}
 
 
@@ -487,7 +494,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--where", action="append", default=[], metavar="KEY=V1,V2",
                         help="only runs whose identity key (flat, as in results.json's identity: batch, seed, "
                              "regime.name, base.lr, ...) has one of the values; repeat for several keys")
+    parser.add_argument("--critical-batch", action="store_true", default=None,
+                        help="add the critical batch of a per-batch-size search (runs with target blocks; on by "
+                             "itself when some run has one): critical_batch.md/.csv/.png, critical_batch_fit.md/.csv, "
+                             "tradeoff.png")
+    parser.add_argument("--overhead", type=float, default=critical.OVERHEAD, metavar="X",
+                        help="Zhang et al.'s critical batch: the largest batch whose steps to the target are at most "
+                             "(1 + X) times perfect scaling from the smallest batch (default 0.2)")
     args = parser.parse_args(argv)
+    if not args.overhead > 0:
+        print(f"lbtrain-report: error: --overhead {args.overhead}: must be > 0", file=sys.stderr)
+        return 2
     try:
         where = parse_where(args.where)
     except ValueError as e:
@@ -509,7 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         summary = summarize(args.paths, out, figures=not args.no_figures, target_error=args.target_error,
-                            where=where)
+                            where=where, critical_batch=args.critical_batch, overhead=args.overhead)
     except NoRunsError as e:
         print(f"lbtrain-report: error: {e}", file=sys.stderr)
         return 2
@@ -531,6 +548,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if summary.get(name):
             print(f"{title}\n")
             print(to_markdown(summary[name]))
+    if summary.get("critical_section"):
+        print(summary["critical_section"])
     print("Wrote:")
     for path in summary["files"]:
         print(f"  {path}")
