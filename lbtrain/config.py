@@ -179,6 +179,16 @@ class SharpnessConfig:
 
 
 @dataclass
+class GNSOptions:
+    """Options of the gradient noise scale (`gns=true`, a plain switch so that it stays a boolean on the command
+    line); see lbtrain/instruments/noise_scale.py."""
+
+    bn: str = "train"  # train: BN as trained (batch statistics of its groups); eval: running statistics (a fixed
+    # function of each sample: per-example gradients and B_simple defined, comparable across batch sizes)
+    beta: float = 0.95  # EMA factor per measurement (one per log step) of |G|^2 and tr(Sigma)
+
+
+@dataclass
 class Config:
     name: str = "digits"  # experiment name, used in run folders and reports
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -209,6 +219,7 @@ class Config:
     ewa: EWAConfig = field(default_factory=EWAConfig)  # evaluate an exponential average of the weights
     # instruments: they observe, never change training (not part of a run's identity)
     gns: bool = False  # gradient noise scale B_simple at log steps (McCandlish et al. 2018)
+    gns_options: GNSOptions = field(default_factory=GNSOptions)  # its options (gns_options.bn=eval)
     sharpness: SharpnessConfig = field(default_factory=SharpnessConfig)
     layer_distance: bool = False  # ||w_t - w_0|| per layer, beside the total
     progress: bool | None = None  # tqdm bar; null: only when stderr is a terminal

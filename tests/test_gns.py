@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from lbtrain.instruments.gns import GradientNoiseScale, gns_estimates, sq_norm
+from lbtrain.instruments.gns import GradientNoiseScale, fieller_interval, gns_estimates, sq_norm, t_quantile
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,6 +22,11 @@ F64 = torch.float64
 
 def t64(x: float) -> torch.Tensor:
     return torch.tensor(x, dtype=F64)
+
+
+def classic(gns: GradientNoiseScale) -> dict[str, float | None]:
+    v = gns.values()
+    return {k: v[k] for k in ("b_simple", "trace_cov", "grad_norm_sq")}
 
 
 def test_sq_norm():
@@ -151,9 +156,10 @@ def test_ema_arithmetic_hand_made():
     Bias-corrected EMAs: t=1: (1, 4); t=2: (0.25 - 1, 1 + 6) / 0.75 = (-1, 28/3); t=3: (0.625, 4.5) / 0.875.
     """
     gns = GradientNoiseScale(beta=0.5)
-    assert gns.values() == {"b_simple": None, "trace_cov": None, "grad_norm_sq": None}
+    assert set(gns.values().values()) == {None}
     gns.update(t64(5.0), t64(3.0), 1, 2)
-    assert gns.values() == {"b_simple": 4.0, "trace_cov": 4.0, "grad_norm_sq": 1.0}
+    assert classic(gns) == {"b_simple": 4.0, "trace_cov": 4.0, "grad_norm_sq": 1.0}
+    assert gns.values()["b_simple_lo"] is None and gns.values()["measurements"] == 1  # no interval from one
     gns.update(t64(10.0), t64(4.0), 1, 2)
     v = gns.values()
     assert v["grad_norm_sq"] == pytest.approx(-1.0) and v["trace_cov"] == pytest.approx(28 / 3)
@@ -180,7 +186,7 @@ def test_non_finite_measurement_is_skipped():
     gns.update(torch.tensor(5.0), torch.tensor(3.0), 1, 2)
     before = gns.values()
     gns.update(torch.tensor(float("inf")), torch.tensor(3.0), 1, 2)
-    assert gns.values() == before == {"b_simple": 4.0, "trace_cov": 4.0, "grad_norm_sq": 1.0}
+    assert gns.values() == before and classic(gns) == {"b_simple": 4.0, "trace_cov": 4.0, "grad_norm_sq": 1.0}
     assert gns.num_skipped == 2
 
 
@@ -199,12 +205,12 @@ def test_state_dict_round_trip_bit_exact():
     buf.seek(0)
     b = GradientNoiseScale(beta=0.5)  # the saved beta wins
     b.load_state_dict(torch.load(buf, weights_only=True))
-    assert b.beta == 0.9 and b.values() == a.values()
+    assert b.beta == 0.9 and b.values() == a.values() and a.values()["b_simple_lo"] is not None
     _feed(a, 1, 5)
     _feed(b, 1, 5)
     assert b.values() == a.values()
     sa, sb = a.state_dict(), b.state_dict()
-    assert all(torch.equal(sa[k], sb[k]) for k in sa if k != "beta")
+    assert all(torch.equal(sa[k], sb[k]) for k in sa if k not in ("beta", "n"))
     # an empty state round-trips to "no measurement yet"
     c = GradientNoiseScale()
     c.load_state_dict(GradientNoiseScale(beta=0.8).state_dict())
@@ -226,3 +232,149 @@ def test_update_does_not_sync_with_host(monkeypatch):
         gns.update(sq_norm(grads_small), sq_norm(grads_big), 16, 64)
     monkeypatch.undo()
     assert gns.values()["trace_cov"] is not None
+
+
+# --- sampling without replacement from a finite data set: the correction, against exact per-example gradients ---
+
+N_FIN, BS_FIN, BB_FIN, DRAWS_FIN = 200, 25, 100, 4000
+
+
+def test_finite_n_correction_against_exact_per_example_gradients():
+    """N = 200 fixed samples, an MLP without BN at fixed weights; 4000 batches of 100 drawn *without* replacement
+    (the small batch: their first 25). Truth from the N per-example gradients g_i (vmap(grad)): |G|^2 = |mean g_i|^2,
+    tr(Sigma) = sum_i |g_i - G|^2 / (N - 1). E|G_B|^2 = |G|^2 + tr(Sigma)(1/B - 1/N) (gns.py's docstring), so
+    the corrected pair (n=N) is unbiased, and the uncorrected |G|^2 is low by exactly tr(Sigma)/N. Checked to 3
+    standard errors of the mean of the 4000 estimates; the bias (12% of |G|^2 here) is > 10 standard errors."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(10, 12), nn.Tanh(), nn.Linear(12, 3)).to(F64)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(N_FIN, 10, generator=g, dtype=F64)
+    y = (x @ torch.randn(10, 3, generator=g, dtype=F64) + torch.randn(N_FIN, 3, generator=g, dtype=F64)).argmax(1)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss_one(p, xi, yi):
+        return F.cross_entropy(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
+
+    per = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
+    flat = torch.cat([per[k].reshape(N_FIN, -1) for k in params], 1)
+    mean = flat.mean(0)
+    true_g2 = float(mean.square().sum())
+    true_s = float((flat - mean).square().sum(1).sum() / (N_FIN - 1))
+    b_true = true_s / true_g2
+    assert 10 < b_true < 100  # the correction matters: B_simple is a sizeable fraction of N
+
+    idx = torch.argsort(torch.rand(DRAWS_FIN, N_FIN, generator=g), 1)[:, :BB_FIN]  # without replacement
+    big, small = batch_means(flat, idx), batch_means(flat, idx[:, :BS_FIN])
+    s_sq, b_sq = small.square().sum(1), big.square().sum(1)
+    corr = torch.stack(gns_estimates(s_sq, b_sq, BS_FIN, BB_FIN, n=N_FIN), 1)
+    unc = torch.stack(gns_estimates(s_sq, b_sq, BS_FIN, BB_FIN), 1)
+    se = corr.std(0) / math.sqrt(DRAWS_FIN)
+    (g2_c, s_c), (g2_u, s_u) = corr.mean(0).tolist(), unc.mean(0).tolist()
+    se_g2, se_s = se.tolist()
+    se_g2_u = float(unc[:, 0].std() / math.sqrt(DRAWS_FIN))
+    print(f"exact |G|^2 {true_g2:.5g} tr(Sigma) {true_s:.5g} B_simple {b_true:.4g}; corrected {g2_c:.5g} +- "
+          f"{se_g2:.2g}, {s_c:.5g} +- {se_s:.2g}; uncorrected |G|^2 {g2_u:.5g} +- {se_g2_u:.2g} "
+          f"(formula: {true_g2 - true_s / N_FIN:.5g})")
+    assert abs(g2_c - true_g2) < 3 * se_g2 and abs(s_c - true_s) < 3 * se_s
+    assert s_u == s_c  # the correction only moves |G|^2
+    assert abs(g2_u - (true_g2 - true_s / N_FIN)) < 3 * se_g2_u  # biased by the amount the formula says
+    assert true_g2 - g2_u > 10 * se_g2_u
+    # the ratio: B_simple = B_unc / (1 + B_unc / N), through the smoothing class
+    gns, raw = GradientNoiseScale(beta=0.999, n=N_FIN), GradientNoiseScale(beta=0.999)
+    for r in range(DRAWS_FIN):
+        gns.update(s_sq[r], b_sq[r], BS_FIN, BB_FIN)
+        raw.update(s_sq[r], b_sq[r], BS_FIN, BB_FIN)
+    v = gns.values()
+    assert v["b_simple_uncorrected"] == pytest.approx(raw.values()["b_simple"], rel=1e-9)
+    assert v["b_simple"] == pytest.approx(v["b_simple_uncorrected"] / (1 + v["b_simple_uncorrected"] / N_FIN))
+    assert v["b_simple"] == pytest.approx(b_true, rel=0.03)
+    assert v["b_simple_uncorrected"] == pytest.approx(b_true / (1 - b_true / N_FIN), rel=0.03)  # 26.6, not 23.5
+    assert v["b_simple_lo"] < b_true < v["b_simple_hi"]
+
+
+# --- the interval ------------------------------------------------------------------------------------------------
+
+
+def test_t_quantile():
+    exact = {2: 4.302653, 3: 3.182446, 5: 2.570582, 10: 2.228139, 30: 2.042272}
+    for dof, t in exact.items():
+        assert t_quantile(0.975, dof) == pytest.approx(t, abs=0.035), dof
+    assert t_quantile(0.975, 1e12) == pytest.approx(1.959964, abs=1e-6)
+
+
+def test_interval_is_fieller_of_the_weighted_pairs():
+    """The interval from the running moments equals Fieller's computed directly from the measurement pairs with
+    weights beta^(t-i), and holds the point estimate."""
+    beta, n = 0.8, 1000
+    gns = GradientNoiseScale(beta=beta, n=n)
+    gen = torch.Generator().manual_seed(6)
+    pairs = []
+    for _ in range(12):
+        big = 1.0 + torch.rand((), generator=gen, dtype=F64)
+        small = big + 3 * torch.rand((), generator=gen, dtype=F64)
+        gns.update(small, big, 8, 64)
+        pairs.append(gns_estimates(small, big, 8, 64, n=n))
+    g2, s = (torch.stack(v) for v in zip(*pairs))
+    w = beta ** torch.arange(len(pairs) - 1, -1, -1, dtype=F64)
+    wn = w / w.sum()
+    mg, ms = float((wn * g2).sum()), float((wn * s).sum())
+    n_eff = float(w.sum() ** 2 / (w**2).sum())
+    cov = lambda a, ma, b, mb: float((wn * (a - ma) * (b - mb)).sum()) / (n_eff - 1)  # noqa: E731
+    q = t_quantile(0.975, n_eff - 1)
+    lo, hi = fieller_interval(t64(ms), t64(mg), t64(cov(s, ms, s, ms)), t64(cov(g2, mg, g2, mg)),
+                              t64(cov(s, ms, g2, mg)), q)
+    v = gns.values()
+    assert v["grad_norm_sq"] == pytest.approx(mg) and v["trace_cov"] == pytest.approx(ms)
+    assert v["n_eff"] == pytest.approx(n_eff) and v["measurements"] == 12
+    assert v["b_simple_lo"] == pytest.approx(float(lo)) and v["b_simple_hi"] == pytest.approx(float(hi))
+    assert v["b_simple_lo"] < v["b_simple"] < v["b_simple_hi"]
+
+
+def test_interval_holds_the_point_estimate_and_is_unbounded_when_g_is_noise():
+    # random measurement streams: wherever an interval is reported, it holds B_simple
+    gen = torch.Generator().manual_seed(7)
+    for seed in range(50):
+        gns = GradientNoiseScale(beta=0.9, n=5000)
+        for _ in range(3 + seed % 20):
+            big = torch.rand((), generator=gen) + 0.1
+            gns.update(big + 2 * torch.rand((), generator=gen), big, 16, 128)
+        v = gns.values()
+        if v["b_simple"] is not None and v["b_simple_lo"] is not None:
+            assert v["b_simple_lo"] <= v["b_simple"] * (1 + 1e-6)
+            assert v["b_simple_hi"] is None or v["b_simple"] <= v["b_simple_hi"] * (1 + 1e-6)
+    # |G|^2 estimates of both signs around a small mean: the upper end is unbounded (None), never a made-up number
+    gns = GradientNoiseScale(beta=0.9)
+    for k in range(30):
+        g2, s = (1.05 if k % 2 else -0.95), 10.0 + k % 3  # |G|^2 estimates alternating around 0.05
+        gns.update(torch.tensor(g2 + s / 16), torch.tensor(g2 + s / 128), 16, 128)
+    v = gns.values()
+    assert v["b_simple"] is not None and v["b_simple_hi"] is None
+
+
+def test_interval_coverage_synthetic():
+    """400 independent runs of 60 measurements each (beta = 0.9, n_eff ~ 19), batched through one state: the
+    95% interval covers the true B_simple = 100 in 90-99% of them. Per measurement |G|^2 has a relative std ~0.45."""
+    d, reps, steps, bs, bb = 100, 400, 60, 32, 256
+    gen = torch.Generator().manual_seed(8)
+    mu = torch.randn(d, generator=gen, dtype=F64)
+    mu /= mu.norm()
+    gns = GradientNoiseScale(beta=0.9)
+    for _ in range(steps):
+        small = mu + torch.randn(reps, d, generator=gen, dtype=F64) / math.sqrt(bs)
+        rest = mu + torch.randn(reps, d, generator=gen, dtype=F64) / math.sqrt(bb - bs)
+        big = (bs * small + (bb - bs) * rest) / bb
+        gns.update(small.square().sum(1), big.square().sum(1), bs, bb)
+    sm = gns.summary()
+    lo, hi = sm["b_simple_lo"], sm["b_simple_hi"]
+    covered = float(((lo <= 100) & (100 <= hi)).double().mean())
+    print(f"coverage {covered:.3f}, median interval [{float(lo.median()):.1f}, {float(hi.median()):.1f}]")
+    assert 0.90 <= covered <= 0.99
+
+
+def test_state_from_before_the_interval_loads():
+    a = GradientNoiseScale(beta=0.9)
+    _feed(a, 0, 4)
+    old = {k: v for k, v in a.state_dict().items() if k not in ("var_g", "var_s", "cov_gs", "n")}
+    b = GradientNoiseScale(beta=0.9)
+    b.load_state_dict(old)
+    assert classic(b) == classic(a) and b.values()["b_simple_lo"] is None

@@ -37,8 +37,9 @@ def train(tmp_path, *overrides: str) -> tuple[Trainer, dict]:
     return t, res
 
 
-@pytest.mark.parametrize("extra", [(), ("regime=gbn", "batch=32", "ghost_batch=8", "micro_batch=16")],
-                         ids=["plain_bn_half_batch", "gbn_micro_batches"])
+@pytest.mark.parametrize("extra", [(), ("regime=gbn", "batch=32", "ghost_batch=8", "micro_batch=16"),
+                                   ("gns_options.bn=eval",)],
+                         ids=["plain_bn_half_batch", "gbn_micro_batches", "gns_bn_eval"])
 def test_instruments_never_change_training(tmp_path, extra):
     off, _ = train(tmp_path / "off", *C1, *extra)
     rng_off = torch.get_rng_state()
@@ -59,6 +60,16 @@ def test_instruments_report_what_they_measure(tmp_path):
     logs = [st for st, _ in s["train/loss"]]
     assert [st for st, _ in s["gns/trace_cov"]] == logs  # at every log step, no more
     assert res["gns"]["b_simple"] == pytest.approx(s["gns/b_simple"][-1][1], rel=1e-6) and res["gns"]["b_simple"] > 0
+    gns = res["gns"]  # corrected for the finite training set, the uncorrected beside it, an interval around it
+    n = t.plan.train_size
+    assert gns["train_size"] == n and gns["measurements"] == len(logs) and gns["bn"] == "train"
+    assert gns["b_simple"] == pytest.approx(gns["b_simple_uncorrected"] / (1 + gns["b_simple_uncorrected"] / n))
+    assert gns["grad_norm_sq"] == pytest.approx(gns["grad_norm_sq_uncorrected"] + gns["trace_cov"] / n)
+    lo, hi = gns["b_simple_ci"]
+    assert gns["ci_method"] == "fieller" and gns["ci_level"] == 0.95 and lo is not None
+    assert lo <= gns["b_simple"] and (hi is None or gns["b_simple"] <= hi)
+    assert [st for st, _ in s["gns/b_simple_uncorrected"]] == logs
+    assert [st for st, _ in s["gns/b_simple_lo"]] == logs[2:]  # from the third measurement on (n_eff >= 3)
     sharp = res["sharpness"]
     assert [st for st, _ in s["sharpness/lambda_max"]] == [24, 48]  # both epoch ends (24 updates each)
     assert sharp["lambda_max"] == pytest.approx(s["sharpness/lambda_max"][-1][1], rel=1e-6)
@@ -84,6 +95,48 @@ def test_noise_scale_two_ways_agree_under_ghost_bn(tmp_path):
     _, micro = train(tmp_path / "micro", *common, "micro_batch=32")
     for k in ("b_simple", "trace_cov", "grad_norm_sq"):
         assert micro["gns"][k] == pytest.approx(extra["gns"][k], rel=1e-4), k
+
+
+def test_noise_scale_bn_eval_is_the_eval_mode_gradient(tmp_path):
+    """`gns_options.bn=eval` (plain BN, digits MLP): the first measurement is the two strided halves' gradients of
+    the model with BN on its running statistics, computed here independently from the state at that moment."""
+    t = Trainer(make_cfg("max_steps=1", "log_every=1", "batch=32", "threads=1", "progress=false", "gns=true",
+                         "gns_options.bn=eval"), tmp_path)
+    t.setup()
+    assert t.has_batchnorm and not t.plan.ghost_batch
+    seen = {}
+
+    def capture(trainer, x, y, log_now):  # runs after the probe's hook: the same weights and buffers
+        seen.update(state={k: v.clone() for k, v in trainer.net.state_dict().items()}, x=x.clone(), y=y.clone())
+
+    t.hooks.after_backward.append(capture)
+    res = t.fit()["gns"]
+    net = t.net
+    net.load_state_dict(seen["state"])
+    net.eval()
+    x, y = seen["x"], seen["y"]
+    halves = [torch.autograd.grad(F.cross_entropy(net(x[j::2]), y[j::2]), list(net.parameters())) for j in (0, 1)]
+    small = sum(sum(g.double().square().sum() for g in h) for h in halves) / 2
+    big = sum(((a.double() + b.double()) / 2).square().sum() for a, b in zip(*halves))
+    n = t.plan.train_size
+    g2 = (32 * big - 16 * small) / 16
+    s = (small - big) / (1 / 16 - 1 / 32)
+    assert res["bn"] == "eval" and res["measurements"] == 1
+    assert res["trace_cov"] == pytest.approx(float(s), rel=1e-4)
+    assert res["grad_norm_sq_uncorrected"] == pytest.approx(float(g2), rel=1e-4, abs=1e-6)
+    assert res["grad_norm_sq"] == pytest.approx(float(g2 + s / n), rel=1e-4, abs=1e-6)
+
+
+def test_gns_options_are_checked_and_gns_stays_a_switch():
+    from lbtrain.config import ConfigError, validate
+    from lbtrain.identity import run_only
+
+    validate(make_cfg("gns=true"))  # a plain boolean on the command line, as before
+    with pytest.raises(ConfigError, match="gns_options.bn"):
+        validate(make_cfg("gns=true", "gns_options.bn=running"))
+    with pytest.raises(ConfigError, match="gns_options.beta"):
+        validate(make_cfg("gns_options.beta=1.0"))  # refused even with the instrument off
+    assert {"gns", "gns_options"} <= set(run_only())
 
 
 def test_sharpness_is_the_top_eigenvalue_of_the_documented_loss(tmp_path):

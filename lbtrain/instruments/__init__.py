@@ -6,7 +6,8 @@ Estimators (self-contained, torch and numpy only, nothing else from lbtrain):
   (Hutchinson), from Hessian-vector products (compare PyHessian, Yao et al. 2020).
 
 Instruments (plug-ins attached to a run through its public hooks; one entry each below):
-- `gns` (:mod:`~lbtrain.instruments.noise_scale`, `gns=true`): B_simple at log steps.
+- `gns` (:mod:`~lbtrain.instruments.noise_scale`, `gns=true`, options `gns_options.bn=train|eval`,
+  `gns_options.beta`): B_simple at log steps, corrected for the finite training set, with an interval.
 - `sharpness` (:mod:`~lbtrain.instruments.sharpness`, `sharpness.every_epochs=N`): lambda_max and trace at epoch ends.
 - `layer_distance` (:mod:`~lbtrain.instruments.layer_distance`, `layer_distance=true`): ||w_t - w_0|| per layer.
 """
@@ -31,7 +32,17 @@ def _check_sharpness(node: Any, train_size: int | None) -> None:
         raise ConfigError("sharpness.samples", node.samples, f"must be at most the {train_size} training samples")
 
 
-register(InstrumentSpec("gns", "gns", enabled=bool, factory="lbtrain.instruments.noise_scale:GNSProbe"))
+def _check_gns(node: Any, train_size: int | None) -> None:
+    from lbtrain.config import ConfigError
+
+    if node.bn not in ("train", "eval"):
+        raise ConfigError("gns_options.bn", node.bn, "allowed: train, eval")
+    if not isinstance(node.beta, (int, float)) or not 0 <= node.beta < 1:
+        raise ConfigError("gns_options.beta", node.beta, "must be in [0, 1)")
+
+
+register(InstrumentSpec("gns", "gns", enabled=bool, factory="lbtrain.instruments.noise_scale:GNSProbe",
+                        check=_check_gns, options="gns_options"))
 register(InstrumentSpec("sharpness", "sharpness", enabled=lambda node: bool(node and node.every_epochs),
                         factory="lbtrain.instruments.sharpness:SharpnessProbe", check=_check_sharpness))
 register(InstrumentSpec("layer_distance", "layer_distance", enabled=bool,

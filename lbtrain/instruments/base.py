@@ -28,6 +28,7 @@ class Run(Protocol):
     hooks: Any  # lbtrain.trainer.Hooks: append callables to its lists
     cfg: Any  # the run's composed config
     net: torch.nn.Module  # the plain module (no DDP / compile wrapper)
+    model: torch.nn.Module  # what the trainer calls: net, or its DDP / compile wrapper (e.g. for a DDP comm hook)
     params: list[torch.Tensor]  # the trained parameters, in order
     w0: list[torch.Tensor]  # their initial values
     device: torch.device
@@ -63,7 +64,10 @@ class InstrumentSpec:
     name: results.json key and TensorBoard prefix; key: the config node (`Config.<key>`, run-only); enabled: from
     that node, whether the run asked for it; factory: "module:Class" built as `Class(run, node)` (imported only
     when used); check: optional (node, train_size) -> None raising `ConfigError` before anything is written
-    (train_size None: the checks that need no data, run by `lbtrain.config.validate` without torch).
+    (train_size None: the checks that need no data, run by `lbtrain.config.validate` without torch); options:
+    optional second config node holding the instrument's settings when `key` is a plain switch (`gns=true` with
+    `gns_options.bn=eval`: a boolean cannot be a node on the command line); run-only too, and it is the `node`
+    that `check` and the factory get.
     """
 
     name: str
@@ -71,6 +75,7 @@ class InstrumentSpec:
     enabled: Callable[[Any], bool]
     factory: str
     check: Callable[[Any, int | None], None] | None = None
+    options: str | None = None
 
     def build(self, run: Run, node: Any) -> Instrument:
         module, _, cls = self.factory.partition(":")
@@ -88,11 +93,21 @@ def register(spec: InstrumentSpec) -> InstrumentSpec:
 
 def config_keys() -> tuple[str, ...]:
     """The config nodes that belong to instruments (run-only keys of every run's config)."""
-    return tuple(dict.fromkeys(spec.key for spec in REGISTRY.values()))
+    return tuple(dict.fromkeys(k for spec in REGISTRY.values() for k in (spec.key, spec.options) if k))
+
+
+def _node(cfg: Any, key: str) -> Any:
+    return cfg.get(key) if hasattr(cfg, "get") else getattr(cfg, key, None)
 
 
 def node_of(cfg: Any, spec: InstrumentSpec) -> Any:
-    return cfg.get(spec.key) if hasattr(cfg, "get") else getattr(cfg, spec.key, None)
+    """The instrument's switch node (`Config.<key>`), which `enabled` reads."""
+    return _node(cfg, spec.key)
+
+
+def options_of(cfg: Any, spec: InstrumentSpec) -> Any:
+    """The node `check` and the factory get: the options node where the spec has one, else the switch node."""
+    return _node(cfg, spec.options) if spec.options else node_of(cfg, spec)
 
 
 def requested(cfg: Any) -> list[InstrumentSpec]:
@@ -104,13 +119,13 @@ def check(cfg: Any, train_size: int | None) -> None:
     """Each instrument's own config check (ConfigError on a mistake); every registered one, so a bad value of an
     instrument that is off is refused too."""
     for spec in REGISTRY.values():
-        if spec.check is not None and node_of(cfg, spec) is not None:
-            spec.check(node_of(cfg, spec), train_size)
+        if spec.check is not None and options_of(cfg, spec) is not None:
+            spec.check(options_of(cfg, spec), train_size)
 
 
 def attach(run: Run) -> dict[str, Instrument]:
     """Build the instruments `run.cfg` asks for (name -> instrument); each attaches itself to `run.hooks`."""
-    return {spec.name: spec.build(run, node_of(run.cfg, spec)) for spec in requested(run.cfg)}
+    return {spec.name: spec.build(run, options_of(run.cfg, spec)) for spec in requested(run.cfg)}
 
 
 __all__ = ["Run", "Instrument", "InstrumentSpec", "REGISTRY", "register", "config_keys", "requested", "check",
