@@ -182,15 +182,27 @@ class Preflight(Callback):
 
 
 def _sweep_jobs(config: DictConfig) -> list[list[str]] | None:
-    """Each job's overrides, as Hydra's basic sweeper will expand them; None for another sweeper."""
+    """Each job's overrides, as the sweeper will expand them: Hydra's basic sweeper, or lbtrain's search
+    (`hydra/sweeper=search`: every trial of every batch size; its confirmation runs differ from a trial only in
+    `seed`); None for another sweeper."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     target = str(OmegaConf.select(config, "hydra.sweeper._target_", default=""))
+    task = list(OmegaConf.select(config, "hydra.overrides.task") or [])
+    if target == "hydra_plugins.lbtrain_search.search_sweeper.SearchSweeper":
+        from hydra import compose
+
+        from hydra_plugins.lbtrain_search._plan import expand
+
+        name = str(OmegaConf.select(config, "hydra.job.config_name", default="config") or "config")
+        search = OmegaConf.to_container(config.hydra.sweeper, resolve=True)
+        study = expand(search, task, lambda overrides: compose(config_name=name, overrides=overrides))  # type: ignore[arg-type]
+        return [t.overrides for t in study.trials]
     if not target.endswith("BasicSweeper"):
         return None
     params = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
-    args = [f"{k}={v}" for k, v in params.items()] + list(OmegaConf.select(config, "hydra.overrides.task") or [])
+    args = [f"{k}={v}" for k, v in params.items()] + task
     parsed = OverridesParser.create().parse_overrides(args)
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
