@@ -607,7 +607,8 @@ class Trainer:
         final = st.step >= self.target_updates
         self.log_distance()
         self.flush_distances()
-        if final or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or st.step in self.eval_steps:
+        due = final or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or st.step in self.eval_steps
+        if due and not (st.last_val and st.last_eval == st.step):  # (not twice at one update: a target stop)
             self.validate()
         final = final or self.reached
         if self.dist.main:  # printed above the progress bar in a terminal, always in lbtrain.log
