@@ -139,6 +139,8 @@ class OptimizerConfig:
     eps: float = 1e-8  # adamw, lamb: denominator; lars: trust-ratio denominator
     trust_coefficient: float = 0.001  # lars: the layer-wise trust coefficient (eta)
     exclude_bn_bias: bool = False  # BatchNorm and bias parameters: no weight decay, no layer-wise trust ratio
+    bias_correction: bool = True  # lamb: Adam's bias correction of the moments (the paper's versions differ)
+    phi_bounds: list[float] | None = None  # lamb: phi(||w||) = min(max(||w||, lo), hi) in the trust ratio
 
 
 @dataclass

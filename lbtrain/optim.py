@@ -36,14 +36,19 @@ for a parameter `w` with gradient `g`, group weight decay `wd`::
   With a constant lr this is the paper's `v = m v + lr * local_lr * (g + wd w); w = w - v`; with a schedule the lr
   applies to the current step only, as in torch's SGD. `eps` sits in the trust-ratio denominator only.
 
-LAMB (You et al. 2019, Alg. 2, with bias correction, phi = identity, no gradient clipping), `t` the parameter's
-step count starting at 1::
+LAMB (You et al. 2019, Alg. 2, no gradient clipping), `t` the parameter's step count starting at 1::
 
     m = b1 * m + (1 - b1) * g ;  v = b2 * v + (1 - b2) * g**2       (m, v start at 0)
-    m_hat = m / (1 - b1**t)   ;  v_hat = v / (1 - b2**t)
+    m_hat = m / (1 - b1**t)   ;  v_hat = v / (1 - b2**t)          (bias_correction=false: m_hat = m, v_hat = v)
     r = m_hat / (sqrt(v_hat) + eps) + wd * w                        (eps outside the square root)
-    ratio = ||w|| / ||r||   if trust and ||w|| > 0 and ||r|| > 0,  else 1
+    ratio = phi(||w||) / ||r||   if trust and ||w|| > 0 and ||r|| > 0,  else 1
     w = w - lr * ratio * r
+
+The paper's versions differ: bias correction is in Alg. 2 of v5 (ICLR 2020) and absent from earlier versions
+(`optimizer.bias_correction`, default true). phi is the paper's scaling function of the weight norm: the identity
+by default, `optimizer.phi_bounds=[lo, hi]` gives phi(z) = min(max(z, lo), hi). A layer whose weights or update
+are all zero (a zero-initialised bias or BN shift at the first step, say) gets ratio 1, for LARS as for LAMB:
+the ratio is undefined there, and 1 is the plain optimizer's step.
 
 `step()` runs no host-device synchronisation: norms, ratios and the "> 0" conditions stay on the device
 (`torch.where`), the per-parameter LAMB step count is a plain Python int. Work is done with `torch._foreach_*`
@@ -204,13 +209,17 @@ class LAMB(_Layerwise):
     """
 
     def __init__(self, params: Iterable[Any], lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-6, weight_decay: float = 0.0, trust: bool = True):
+                 eps: float = 1e-6, weight_decay: float = 0.0, trust: bool = True, bias_correction: bool = True,
+                 phi_bounds: tuple[float, float] | None = None):
         _check_hparams(lr, weight_decay, eps)
         b1, b2 = betas
         if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
             raise ValueError(f"invalid betas: {betas}")
+        if phi_bounds is not None and not 0.0 <= phi_bounds[0] <= phi_bounds[1]:
+            raise ValueError(f"invalid phi_bounds: {phi_bounds}")
         defaults = dict(lr=float(lr), betas=(float(b1), float(b2)), eps=float(eps), weight_decay=float(weight_decay),
-                        trust=bool(trust))
+                        trust=bool(trust), bias_correction=bool(bias_correction),
+                        phi_bounds=tuple(float(x) for x in phi_bounds) if phi_bounds is not None else None)
         super().__init__(params, defaults)
 
     def _update(self, params: list[Tensor], group: dict[str, Any]) -> None:
@@ -229,8 +238,11 @@ class LAMB(_Layerwise):
         torch._foreach_add_(m, grads, alpha=1 - b1)
         torch._foreach_mul_(v, b2)
         torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
-        m_hat = torch._foreach_div(m, [1 - b1 ** s["step"] for s in states])
-        denom = torch._foreach_sqrt(torch._foreach_div(v, [1 - b2 ** s["step"] for s in states]))
+        if group.get("bias_correction", True):
+            m_hat = torch._foreach_div(m, [1 - b1 ** s["step"] for s in states])
+            denom = torch._foreach_sqrt(torch._foreach_div(v, [1 - b2 ** s["step"] for s in states]))
+        else:
+            m_hat, denom = m, torch._foreach_sqrt(v)
         torch._foreach_add_(denom, eps)
         r = torch._foreach_div(m_hat, denom)
         if wd != 0:
@@ -238,7 +250,9 @@ class LAMB(_Layerwise):
         if group["trust"]:
             w_norm = torch.stack(torch._foreach_norm(params))
             r_norm = torch.stack(torch._foreach_norm(r))
-            ratio = torch.where((w_norm > 0) & (r_norm > 0), w_norm / r_norm, 1.0)
+            bounds = group.get("phi_bounds")
+            phi = w_norm.clamp(bounds[0], bounds[1]) if bounds is not None else w_norm
+            ratio = torch.where((w_norm > 0) & (r_norm > 0), phi / r_norm, 1.0)
             torch._foreach_mul_(r, list(ratio.unbind(0)))
         torch._foreach_add_(params, r, alpha=-lr)
 
@@ -252,6 +266,8 @@ class _Options:
     eps: float
     trust_coefficient: float
     fused: bool | None
+    bias_correction: bool = True
+    phi_bounds: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -290,8 +306,10 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
                                      trust_coefficient=o.trust_coefficient, eps=o.eps),
         uses_momentum=True, sgd_noise_scale=False, summary="LARS, You et al. 2017", reads=("eps", "trust_coefficient")),
     "lamb": OptimizerSpec(
-        build=lambda groups, o: LAMB(groups, lr=o.lr, betas=o.betas, eps=o.eps),
-        uses_momentum=False, sgd_noise_scale=False, summary="LAMB, You et al. 2019", reads=("betas", "eps")),
+        build=lambda groups, o: LAMB(groups, lr=o.lr, betas=o.betas, eps=o.eps, bias_correction=o.bias_correction,
+                                     phi_bounds=o.phi_bounds),
+        uses_momentum=False, sgd_noise_scale=False, summary="LAMB, You et al. 2019",
+        reads=("betas", "eps", "bias_correction", "phi_bounds")),
 }
 OPTIMIZER_NAMES: tuple[str, ...] = tuple(OPTIMIZERS)
 
@@ -308,16 +326,22 @@ def _is_real(x: Any) -> bool:
 
 def validate_optimizer_options(name: str, *, momentum: float, weight_decay: float, betas: Sequence[float],
                                eps: float, trust_coefficient: float, nesterov: bool,
-                               defaults: dict[str, Any] | None = None) -> None:
+                               defaults: dict[str, Any] | None = None, bias_correction: bool = True,
+                               phi_bounds: Sequence[float] | None = None) -> None:
     """Raise `ConfigError` (its message starts with the config key) for the first meaningless option. `defaults`
     (the schema's `optimizer.*` defaults): an option the optimizer does not read must keep its default."""
     spec = _spec(name)
     given = {"betas": [float(x) for x in betas] if isinstance(betas, Sequence) and not isinstance(betas, str)
-             else betas, "eps": eps, "trust_coefficient": trust_coefficient}
+             else betas, "eps": eps, "trust_coefficient": trust_coefficient, "bias_correction": bias_correction,
+             "phi_bounds": [float(x) for x in phi_bounds] if phi_bounds is not None else None}
     for key, value in given.items():
         if defaults is not None and key not in spec.reads and value != defaults[key]:
             raise ConfigError(f"optimizer.{key}", value, f"not used by {name} (it reads "
-                              f"{', '.join(spec.reads) or 'none of betas, eps, trust_coefficient'}); leave it out")
+                              f"{', '.join(spec.reads) or 'none of these options'}); leave it out")
+    if phi_bounds is not None:
+        pb = given["phi_bounds"]
+        if not (len(pb) == 2 and all(_is_real(x) for x in pb) and 0 <= pb[0] <= pb[1]):
+            raise ConfigError("optimizer.phi_bounds", list(phi_bounds), "must be [lo, hi] with 0 <= lo <= hi")
     if not (_is_real(momentum) and 0 <= momentum < 1):
         raise ConfigError("base.momentum", momentum, "must be in [0, 1)")
     if not (_is_real(weight_decay) and weight_decay >= 0):
@@ -338,17 +362,22 @@ def validate_optimizer_options(name: str, *, momentum: float, weight_decay: floa
 def build_optimizer(model: nn.Module, name: str, *, lr: float, momentum: float, weight_decay: float,
                     nesterov: bool = False, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                     trust_coefficient: float = 0.001, exclude_bn_bias: bool = False,
-                    fused: bool | None = None) -> torch.optim.Optimizer:
+                    fused: bool | None = None, bias_correction: bool = True,
+                    phi_bounds: Sequence[float] | None = None) -> torch.optim.Optimizer:
     """The optimizer `name` over `param_groups(model, weight_decay, exclude_bn_bias)`; options are validated first.
 
     `momentum`/`nesterov` are read by sgd and lars, `betas` by adamw and lamb, `eps` by adamw, lamb and lars (trust
-    ratio denominator), `trust_coefficient` by lars; `fused` is passed to torch's sgd/adamw when not None.
+    ratio denominator), `trust_coefficient` by lars, `bias_correction` and `phi_bounds` by lamb; `fused` is passed
+    to torch's sgd/adamw when not None.
     """
     validate_optimizer_options(name, momentum=momentum, weight_decay=weight_decay, betas=betas, eps=eps,
-                               trust_coefficient=trust_coefficient, nesterov=nesterov)
+                               trust_coefficient=trust_coefficient, nesterov=nesterov, bias_correction=bias_correction,
+                               phi_bounds=phi_bounds)
     b1, b2 = betas
     options = _Options(lr=float(lr), momentum=float(momentum), nesterov=bool(nesterov), betas=(float(b1), float(b2)),
-                       eps=float(eps), trust_coefficient=float(trust_coefficient), fused=fused)
+                       eps=float(eps), trust_coefficient=float(trust_coefficient), fused=fused,
+                       bias_correction=bool(bias_correction),
+                       phi_bounds=(float(phi_bounds[0]), float(phi_bounds[1])) if phi_bounds is not None else None)
     return _spec(name).build(param_groups(model, weight_decay, exclude_bn_bias), options)
 
 

@@ -36,7 +36,8 @@ from lbtrain.regime import Plan, make_plan
 from lbtrain.rundir import FolderState, RunFolderError, RunLock, check_folder, inspect_folder
 
 log = logging.getLogger("lbtrain")
-OPTIMIZER_DEFAULTS = {k: getattr(OptimizerConfig(), k) for k in ("betas", "eps", "trust_coefficient")}
+OPTIMIZER_DEFAULTS = {k: getattr(OptimizerConfig(), k)
+                      for k in ("betas", "eps", "trust_coefficient", "bias_correction", "phi_bounds")}
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,9 @@ def check_config(cfg: Any, world: int = 1, *, local_rank: int = 0, check_data: b
     # (the recipe's momentum; regime.momentum, when set, is checked by lbtrain.config.validate)
     validate_optimizer_options(o.name, momentum=cfg.base.momentum, weight_decay=cfg.base.weight_decay,
                                betas=list(o.betas), eps=o.eps, trust_coefficient=o.trust_coefficient,
-                               nesterov=cfg.base.nesterov, defaults=OPTIMIZER_DEFAULTS)
+                               nesterov=cfg.base.nesterov, defaults=OPTIMIZER_DEFAULTS,
+                               bias_correction=o.bias_correction,
+                               phi_bounds=list(o.phi_bounds) if o.phi_bounds is not None else None)
     if check_data:
         check_present(cfg.dataset)
         download_if_missing(cfg.dataset)  # (dataset.download=true: a failed download refuses the run here)

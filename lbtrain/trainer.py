@@ -262,7 +262,8 @@ class Trainer:
         self.opt = build_optimizer(model, o.name, lr=self.plan.lr, momentum=self.plan.momentum,
                                    weight_decay=b.weight_decay, nesterov=b.nesterov, betas=tuple(o.betas), eps=o.eps,
                                    trust_coefficient=o.trust_coefficient, exclude_bn_bias=o.exclude_bn_bias,
-                                   fused=dev.type == "cuda" or None)
+                                   fused=dev.type == "cuda" or None, bias_correction=o.bias_correction,
+                                   phi_bounds=list(o.phi_bounds) if o.phi_bounds is not None else None)
         # Smith et al.'s g = lr N / (B (1 - m)) is SGD's noise scale: for the others opt/noise_scale is not logged
         # (an adaptive optimizer rescales each coordinate's step, so lr alone does not set the noise).
         self.sgd_noise_scale = uses_sgd_noise_scale(o.name, self.plan.momentum)

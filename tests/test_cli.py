@@ -103,3 +103,15 @@ def test_cfg_job_shows_only_the_keys_the_chosen_dataset_reads(tmp_path):
     block = synthetic.stdout.split("\nmodel:")[0]
     assert "shape:" in block and "train_size: 1024" in block and "image_size:" not in block
     assert not (tmp_path / "outputs").exists()
+
+
+def test_lamb_options_are_refused_for_other_optimizers(tmp_path):
+    from helpers import run_main
+
+    p = run_main("optimizer=sgd", "optimizer.bias_correction=false", "max_steps=1", cwd=tmp_path)
+    assert p.returncode == 2 and "optimizer.bias_correction=False: not used by sgd" in p.stderr, p.stderr
+    p = run_main("optimizer=lamb", "base.lr=0.01", "optimizer.phi_bounds=[2,1]", "max_steps=1", cwd=tmp_path)
+    assert p.returncode == 2 and "optimizer.phi_bounds=[2.0, 1.0]: must be [lo, hi]" in p.stderr, p.stderr
+    p = run_main("optimizer=lamb", "base.lr=0.01", "optimizer.bias_correction=false", "optimizer.phi_bounds=[0,10]",
+                 "max_steps=2", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr

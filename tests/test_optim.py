@@ -92,8 +92,9 @@ def lars_reference(model, data, lrs, *, momentum, wd, nesterov, tc, eps, exclude
     return out
 
 
-def lamb_reference(model, data, lrs, *, betas, wd, eps, exclude) -> list[dict[str, torch.Tensor]]:
-    """You et al. 2019, Alg. 2 with bias correction, phi = identity."""
+def lamb_reference(model, data, lrs, *, betas, wd, eps, exclude, bias_correction=True,
+                   phi=lambda z: z) -> list[dict[str, torch.Tensor]]:
+    """You et al. 2019, Alg. 2 (with or without bias correction), phi the scaling function of ||w||."""
     b1, b2 = betas
     m: dict[str, torch.Tensor] = {}
     v: dict[str, torch.Tensor] = {}
@@ -108,9 +109,11 @@ def lamb_reference(model, data, lrs, *, betas, wd, eps, exclude) -> list[dict[st
                 m[name] = b1 * m.get(name, torch.zeros_like(w)) + (1 - b1) * g
                 v[name] = b2 * v.get(name, torch.zeros_like(w)) + (1 - b2) * g * g
                 m_hat, v_hat = m[name] / (1 - b1 ** t), v[name] / (1 - b2 ** t)
+                if not bias_correction:
+                    m_hat, v_hat = m[name], v[name]
                 r = m_hat / (torch.sqrt(v_hat) + eps) + decay * w
                 w_norm, r_norm = torch.linalg.vector_norm(w), torch.linalg.vector_norm(r)
-                ratio = w_norm / r_norm if not excluded and w_norm > 0 and r_norm > 0 else 1.0
+                ratio = phi(w_norm) / r_norm if not excluded and w_norm > 0 and r_norm > 0 else 1.0
                 w -= lr * ratio * r
         out.append(snapshot(model))
     return out
@@ -200,6 +203,24 @@ def test_lamb_matches_paper_equations(exclude):
     ref = lamb_reference(ref_model, data, lrs, betas=(0.9, 0.999), wd=0.02, eps=1e-6, exclude=exclude)
     assert_trajectories_close(ours, ref)
     assert_moved(tiny_model(), ours[-1])
+
+
+@pytest.mark.parametrize("bias_correction,bounds", [(False, None), (True, (0.5, 1.5)), (False, (2.0, 3.0))])
+def test_lamb_options_match_the_paper_variants(bias_correction, bounds):
+    """bias_correction=false (the paper's early versions) and phi(z) = min(max(z, lo), hi)."""
+    model, ref_model, data = tiny_model(), tiny_model(), batches()
+    lrs = [lr / 20 for lr in LRS]
+    opt = build_optimizer(model, "lamb", lr=lrs[0], momentum=0.9, weight_decay=0.02, betas=(0.9, 0.999), eps=1e-6,
+                          bias_correction=bias_correction, phi_bounds=bounds)
+    ours = train(model, opt, data, lrs)
+    phi = (lambda z: z.clamp(*bounds)) if bounds else (lambda z: z)
+    ref = lamb_reference(ref_model, data, lrs, betas=(0.9, 0.999), wd=0.02, eps=1e-6, exclude=False,
+                         bias_correction=bias_correction, phi=phi)
+    assert_trajectories_close(ours, ref)
+    plain = tiny_model()
+    default = train(plain, build_optimizer(plain, "lamb", lr=lrs[0], momentum=0.9, weight_decay=0.02,
+                                           betas=(0.9, 0.999), eps=1e-6), data, lrs)
+    assert any(not torch.equal(ours[-1][k], default[-1][k]) for k in ours[-1])  # the option changes the run
 
 
 def test_lamb_exclusions_get_no_weight_decay_and_no_trust_ratio():
