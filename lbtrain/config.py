@@ -147,6 +147,11 @@ class OptimizerConfig:
 class CheckpointConfig:
     every_epochs: int = 1  # 0 disables the epoch cadence
     every_steps: int = 0  # 0 disables the update cadence
+    # History, besides the rolling checkpoint.pt: checkpoints/update_<N>.pt kept at these points, each a whole
+    # checkpoint (disk: one checkpoint's size per point). Values >= 1 are updates, values in (0, 1) fractions of
+    # the plan's updates; keep_per_decade=N adds N log-spaced updates per decade (and the last update). Run-only.
+    keep: list[float] = field(default_factory=list)
+    keep_per_decade: int = 0
 
 
 @dataclass
@@ -354,6 +359,12 @@ def validate(cfg: Any, world_size: int = 1) -> None:
         raise ConfigError("target.resolution", t.resolution, "must be in (0, 0.5] (a fraction of the update count)")
     if cfg.ewa.decay is not None and not 0 < cfg.ewa.decay < 1:
         raise ConfigError("ewa.decay", cfg.ewa.decay, "must be in (0, 1) (null: off)")
+    keep = list(cfg.checkpoint.keep)
+    if any(not isinstance(k, (int, float)) or not math.isfinite(k) or k <= 0 or (k >= 1 and k != int(k))
+           for k in keep):
+        raise ConfigError("checkpoint.keep", keep, "must be updates (integers >= 1) or fractions of the plan in (0, 1)")
+    if not isinstance(cfg.checkpoint.keep_per_decade, int) or cfg.checkpoint.keep_per_decade < 0:
+        raise ConfigError("checkpoint.keep_per_decade", cfg.checkpoint.keep_per_decade, "must be an integer >= 0")
     if not isinstance(cfg.eval_per_decade, int) or cfg.eval_per_decade < 0:
         raise ConfigError("eval_per_decade", cfg.eval_per_decade, "must be an integer >= 0 (0: off)")
     instruments.check(cfg, None)  # each instrument's own options (those that need no data)

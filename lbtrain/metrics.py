@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,3 +41,19 @@ def fit_log(steps: Sequence[float], values: Sequence[float]) -> dict[str, float 
     ss_tot = float(np.sum((d - d.mean()) ** 2))
     r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
     return {"a": float(a), "b": float(b), "r2": float(r2)}
+
+
+def keep_points(checkpoint_cfg: Any, total: int) -> set[int]:
+    """The updates at which a run keeps a checkpoint in its history: `checkpoint.keep` (values >= 1 are updates,
+    values in (0, 1) fractions of the plan's `total` updates) and `checkpoint.keep_per_decade` log-spaced points per
+    decade with the last update."""
+    points = set()
+    for k in checkpoint_cfg.keep or ():
+        update = max(1, round(float(k) * total)) if float(k) < 1 else int(k)
+        if update <= total:
+            points.add(update)
+    per_decade = int(checkpoint_cfg.keep_per_decade or 0)
+    if per_decade:  # 10**(i / per_decade) for i = 0, 1, ..., rounded (1, 3, 10, 32, ... at 2), and the last update
+        n = int(math.floor(per_decade * math.log10(total) + 1e-9))
+        points |= {int(round(10 ** (i / per_decade))) for i in range(n + 1)} | {total}
+    return points

@@ -31,14 +31,22 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 import lbtrain
 from lbtrain import distributed
-from lbtrain.checkpoint import CHECKPOINT_KEYS, CheckpointError, atomic_write_json, load_checkpoint, save_checkpoint
+from lbtrain.checkpoint import (
+    CHECKPOINT_KEYS,
+    CheckpointError,
+    atomic_write_bytes,
+    atomic_write_json,
+    load_checkpoint,
+    read_checkpoint_meta,
+    save_checkpoint,
+)
 from lbtrain.config import ConfigError
 from lbtrain.data import load_dataset, make_loaders, make_test_loader
 from lbtrain.devices import pick_device
 from lbtrain.ewa import WeightAverage, target_steps
 from lbtrain.ghost_bn import apply_deferred_stats, convert_to_ghost_bn, defer_running_stats
 from lbtrain.instruments import base as instruments
-from lbtrain.metrics import fit_log, log_spaced_steps, weight_distance
+from lbtrain.metrics import fit_log, keep_points, log_spaced_steps, weight_distance
 from lbtrain.models import build_model
 from lbtrain.optim import build_optimizer, uses_sgd_noise_scale
 from lbtrain.results import FINAL, Results
@@ -302,6 +310,7 @@ class Trainer:
             # compile ghost BN's reshapes of a symbolic batch on conv models (batch_increase + compile failed).
             self.model = torch.compile(self.model, dynamic=False)
         self.distance_steps = log_spaced_steps(self.plan.total_updates)
+        self.keep_steps = keep_points(cfg.checkpoint, self.plan.total_updates)
         per_decade = cfg.eval_per_decade
         self.eval_steps = log_spaced_steps(self.plan.total_updates, per_decade) if per_decade else set()
         if self.target:  # steps to target at a fine resolution (see lbtrain.ewa.target_steps)
@@ -330,24 +339,31 @@ class Trainer:
                     distributed.all_reduce_sum(b).div_(self.dist.world)
 
     def save(self) -> None:
+        """Write the rolling checkpoint (and, at a `checkpoint.keep` point, a copy into the run's history)."""
         self.flush_distances()
         self.sync_buffers()
         st = self.state
         if self.dist.enabled:  # the checkpoint holds the interval's metric sums over all ranks, on rank 0
             sums = distributed.all_reduce_sum(st.acc.clone())
             st.acc = sums if self.dist.main else torch.zeros_like(sums)
-        if self.dist.main:
-            self.tb.flush()  # every point up to this step is on disk before the checkpoint says so
-            rng = {"torch": torch.get_rng_state(),
-                   "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
-            save_checkpoint(self.ckpt_path, {
-                "model": self.net.state_dict(), "optimizer": self.opt.state_dict(), "w0": self.w0,
-                "state": st.state_dict(), "rng": rng, "identity": self.identity,
-                "identity_hash": self.identity_hash, "plan": self.plan.summary(),
-                "instruments": {name: inst.state_dict() for name, inst in self.instruments.items()},
-                **({"ewa": self.ewa.state_dict()} if self.ewa else {}),
-            }, meta={"identity": self.identity, "identity_hash": self.identity_hash, "status": st.status,
-                     "step": st.step, "version": lbtrain.__version__})
+        if not self.dist.main:
+            return
+        self.tb.flush()  # every point up to this step is on disk before the checkpoint says so
+        rng = {"torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+        save_checkpoint(self.ckpt_path, {
+            "model": self.net.state_dict(), "optimizer": self.opt.state_dict(), "w0": self.w0,
+            "state": st.state_dict(), "rng": rng, "identity": self.identity,
+            "identity_hash": self.identity_hash, "plan": self.plan.summary(),
+            "instruments": {name: inst.state_dict() for name, inst in self.instruments.items()},
+            **({"ewa": self.ewa.state_dict()} if self.ewa else {}),
+        }, meta={"identity": self.identity, "identity_hash": self.identity_hash, "status": st.status,
+                 "step": st.step, "version": lbtrain.__version__})
+        if st.step in self.keep_steps:  # the history: an atomic copy named by its update, read back
+            kept = self.run_dir / "checkpoints" / f"update_{st.step:08d}.pt"
+            kept.parent.mkdir(exist_ok=True)
+            atomic_write_bytes(kept, self.ckpt_path.read_bytes())
+            read_checkpoint_meta(kept)  # header and checksum of the copy (CheckpointError if it does not read)
 
     def _resume(self) -> dict[str, Any] | None:
         """Restore the run from its own checkpoint, else from `resume=PATH` (a checkpoint of this same run moved
@@ -593,7 +609,7 @@ class Trainer:
             self.validate()
             if self.reached:
                 return False
-        if within and self.every_steps and st.step % self.every_steps == 0:
+        if within and (st.step in self.keep_steps or (self.every_steps and st.step % self.every_steps == 0)):
             self._checkpoint()
         stop = bool(self._preempt.received)
         if self.dist.enabled:  # every rank must stop at the same update: they compare flags at log steps
@@ -624,7 +640,8 @@ class Trainer:
         if final:
             return True
         every = cfg.checkpoint.every_epochs
-        if (every and st.epochs_done % every == 0) or (self.every_steps and st.step % self.every_steps == 0):
+        if ((every and st.epochs_done % every == 0) or (self.every_steps and st.step % self.every_steps == 0)
+                or st.step in self.keep_steps):
             self._checkpoint()
         return False
 
