@@ -491,6 +491,21 @@ def format_table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cli_device(parser: argparse.ArgumentParser, name: str, cuda_ok: bool = True) -> torch.device:
+    """The device a `--device` option names (auto: CUDA when present and `cuda_ok`), made current; a parser error
+    when CUDA is asked for and missing."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() and cuda_ok else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: CUDA is not available")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    return device
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -520,16 +535,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
 
-    name = args.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    device = cli_device(p, args.device)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            p.error("--device cuda: CUDA is not available")
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True  # as lbtrain (set_determinism) and the authors' code do
     names = [n for item in (args.workloads or DEFAULT_WORKLOADS) for n in str(item).split(",") if n]
     unknown = [n for n in names if n not in WORKLOADS]

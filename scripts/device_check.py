@@ -961,16 +961,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
               f"on the GPU machine: python scripts/device_check.py --deps {args.bundle_deps}")
         return None
     deps_path = add_deps(args.deps) if args.deps is not None else []
-    name = args.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            p.error("--device cuda: CUDA is not available")
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        torch.cuda.set_device(device)
+    device = load_bench().cli_device(p, args.device, cuda_ok=not args.quick)
     compile_on = args.compile if args.compile is not None else (device.type == "cuda" and not args.quick)
     workers = args.workers if args.workers is not None else (0 if args.quick else min(8, os.cpu_count() or 1))
     ck = Check(device, args.quick, Budget(args.budget_s), args.out, hydra_available(), deps_path, workers,
