@@ -122,3 +122,15 @@ def test_target_keys_are_checked():
                      (("ewa.decay=1.0",), "ewa.decay"), (("target.resolution=0",), "target.resolution")):
         with pytest.raises(ConfigError, match=msg):
             validate(make_cfg(*bad))
+
+
+def test_validation_error_is_the_exact_fraction_of_errors(tmp_path):
+    """k errors in n samples is k / n as division gives it (1 - correct / n is off by an ulp for many k): a target of
+    exactly k / n is then reached where the run's TensorBoard point says so."""
+    t = Trainer(make_cfg("max_steps=3", "progress=false", "threads=1"), tmp_path)
+    t.setup()
+    for _ in range(3):
+        err = t.evaluate()["val/error"]
+        k = round(err * 261)
+        assert err == k / 261
+        t.train_step(*next(iter(t.train_loader.epoch(0, 16, 0, 0, 1))), False)
