@@ -47,11 +47,15 @@ def test_run_only_keys_are_not_identity():
     for override in ("device=cpu", "deterministic=true", "channels_last=true", "compile=true", "log_every=7",
                      "eval_every=2", "checkpoint.every_steps=9", "progress=true", "dataset.root=/x", "threads=1",
                      "resume=/some/checkpoint.pt", "eval_per_decade=5", "gns=true", "sharpness.every_epochs=1",
-                     "sharpness.samples=64", "layer_distance=true", "regime.label=X", "regime.rank=3"):
+                     "sharpness.samples=64", "layer_distance=true", "regime.label=X", "regime.rank=3",
+                     "skip_bad_jobs=true", "checkpoint.keep=[5]", "checkpoint.keep_per_decade=2",
+                     "gns_options.bn=eval", "gns_options.beta=0.9"):
         assert ident(override) == base, override
     for override in ("seed=1", "batch=32", "base.lr=0.2", "regime=adapt", "precision=bf16", "max_steps=9",
                      "dataset.subset=500", "epochs=2", "optimizer=lars", "optimizer.eps=1e-6",
-                     "base.schedule=cosine", "regime.momentum=0.95", "duplicates=2", "dataset.cutout=4"):
+                     "base.schedule=cosine", "regime.momentum=0.95", "duplicates=2", "dataset.cutout=4",
+                     "target.error=0.1", "ewa.decay=0.9", "dataset.holdout=100", "base.schedule=constant",
+                     "optimizer.bias_correction=false", "optimizer.phi_bounds=[0,10]"):
         assert ident(override) != base, override
     assert set(flatten(base)) & set(run_only()) == set()
 
