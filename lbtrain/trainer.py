@@ -410,8 +410,9 @@ class Trainer:
                     out = self.model(xc)
                     loss = F.cross_entropy(out.float(), yc)
                 (loss * (yc.shape[0] / n)).backward()
-            acc[0] += loss.detach() * yc.shape[0]
-            self.state.block[0] += loss.detach() * yc.shape[0]
+            summed = loss.detach() * yc.shape[0]
+            acc[0] += summed
+            self.state.block[0] += summed  # the divergence block's sum (see DivergenceMonitor)
             acc[1] += (out.argmax(1) == yc).sum()
             for hook in self.hooks.micro_backward:
                 hook(self, i, parts, log_now)
