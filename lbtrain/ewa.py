@@ -52,16 +52,4 @@ class WeightAverage:
         self.updates = int(state["updates"])
 
 
-def target_steps(total: int, resolution: float) -> set[int]:
-    """Evaluation points for stopping at a target: every update up to 1/resolution, then every ceil(resolution t),
-    so consecutive evaluations are at most `resolution` of the update count apart (2%: 1..50, then 51, 53, 55,
-    ...). About 1/r + ln(T r)/r points: 280 for T = 5000 at 2%."""
-    steps, t = set(), 1
-    while t <= total:
-        steps.add(t)
-        t += max(1, int(-(-resolution * t // 1)))  # ceil(resolution t), at least one update
-    steps.add(total)
-    return steps
-
-
-__all__ = ["WeightAverage", "target_steps"]
+__all__ = ["WeightAverage"]

@@ -31,7 +31,7 @@ from lbtrain.instruments import base as instruments
 # Keys (dotted; a key covers everything below it) that never change what is trained, besides the instruments' nodes.
 RUN_ONLY: tuple[str, ...] = (
     "device", "deterministic", "channels_last", "compile", "threads", "progress", "skip_bad_jobs",
-    "log_every", "eval_every", "eval_per_decade", "checkpoint", "resume",
+    "log_every", "eval_every", "eval_per_decade", "target.log_all", "eval_test", "checkpoint", "resume",
     "dataset.root", "dataset.download", "dataset.workers",
     "regime.label", "regime.rank",  # how reports show a regime preset
     "effective",  # derived from the rest (shown by --cfg job), not a setting

@@ -43,7 +43,7 @@ from lbtrain.checkpoint import (
 from lbtrain.config import ConfigError
 from lbtrain.data import load_dataset, make_loaders, make_test_loader
 from lbtrain.devices import pick_device
-from lbtrain.ewa import WeightAverage, target_steps
+from lbtrain.ewa import WeightAverage
 from lbtrain.ghost_bn import apply_deferred_stats, convert_to_ghost_bn, defer_running_stats
 from lbtrain.instruments import base as instruments
 from lbtrain.metrics import fit_log, keep_points, log_spaced_steps, weight_distance
@@ -52,6 +52,7 @@ from lbtrain.optim import build_optimizer, uses_sgd_noise_scale
 from lbtrain.results import FINAL, Results
 from lbtrain.session import Prepared, prepare
 from lbtrain.signals import Interrupted, Preemption
+from lbtrain.target import TargetBound, target_steps
 from lbtrain.tb import TBLogger
 
 log = logging.getLogger("lbtrain")
@@ -313,8 +314,15 @@ class Trainer:
         self.keep_steps = keep_points(cfg.checkpoint, self.plan.total_updates)
         per_decade = cfg.eval_per_decade
         self.eval_steps = log_spaced_steps(self.plan.total_updates, per_decade) if per_decade else set()
-        if self.target:  # steps to target at a fine resolution (see lbtrain.ewa.target_steps)
-            self.eval_steps |= target_steps(self.plan.total_updates, cfg.target.resolution)
+        # Steps to target at a fine resolution (lbtrain.target): at these points only whether the target is reached
+        # is decided, from as few samples as the decision needs (the bound); target.log_all: full evaluations.
+        self.target_steps = target_steps(self.plan.total_updates, cfg.target.resolution) if self.target else set()
+        self.bound = (TargetBound(*self.target, len(self.val_loader), dev)
+                      if self.target and not cfg.target.log_all else None)
+        if self.target and cfg.target.log_all:
+            self.eval_steps |= self.target_steps
+        if self.bound and checkpoint and "target_bound" in checkpoint:
+            self.bound.load_state_dict(checkpoint["target_bound"])
         if self.ewa and checkpoint and "ewa" in checkpoint:
             self.ewa.load_state_dict(checkpoint["ewa"])
         self.instruments = instruments.attach(self)
@@ -357,6 +365,7 @@ class Trainer:
             "identity_hash": self.identity_hash, "plan": self.plan.summary(),
             "instruments": {name: inst.state_dict() for name, inst in self.instruments.items()},
             **({"ewa": self.ewa.state_dict()} if self.ewa else {}),
+            **({"target_bound": self.bound.state_dict()} if self.bound else {}),
         }, meta={"identity": self.identity, "identity_hash": self.identity_hash, "status": st.status,
                  "step": st.step, "version": lbtrain.__version__})
         if st.step in self.keep_steps:  # the history: an atomic copy named by its update, read back
@@ -429,30 +438,51 @@ class Trainer:
         self.opt.step()
 
     # -------------------------------------------------------------------------------------------- evaluation
-    @torch.no_grad()
-    def evaluate(self, loader: Any = None) -> dict[str, float]:
-        """Loss and error on `loader` (the validation split by default), with the averaged weights under EWA."""
+    def _eval_net(self) -> torch.nn.Module:
+        """The network evaluations use (the averaged weights under EWA), in eval mode; `self.model.train()` after."""
         self.sync_buffers()
         self.model.eval()
         net = self.net if not self.cfg.compile else self.model
         if self.ewa:
             net = self.ewa.model(self.net)
             net.eval()
-        totals = torch.zeros(3, device=self.device)  # loss sum, correct, count
-        # micro_batch is what fits in memory; without it, at least the training batch does
-        eval_batch = self.micro_batch or max(self.batch // self.dist.world, 256)
+        return net
+
+    def _predict(self, net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample cross-entropy and wrong (0/1, float) of `net` on one batch."""
+        with self.autocast:
+            out = net(x)
+        return F.cross_entropy(out.float(), y, reduction="none"), (out.argmax(1) != y).float()
+
+    @property
+    def eval_batch(self) -> int:
+        """Evaluation batch per process: micro_batch is what fits in memory; without it, at least the training
+        batch does."""
+        return self.micro_batch or max(self.batch // self.dist.world, 256)
+
+    @torch.no_grad()
+    def evaluate(self, loader: Any = None) -> dict[str, float]:
+        """Loss and error on `loader` (the validation split by default), with the averaged weights under EWA."""
+        net = self._eval_net()
+        totals = torch.zeros(3, device=self.device)  # loss sum, wrong, count
+        # the validation split's per-sample losses order the bound's next look (one process: its batches are the
+        # split in order; under DDP the bounded looks keep the order up to date themselves)
+        record = loader is None and self.bound is not None and not self.dist.enabled
         loader = loader or self.val_loader
-        for x, y in loader.eval_batches(eval_batch * self.dist.world, self.dist.rank, self.dist.world):
-            with self.autocast:
-                out = net(x)
-            totals[0] += F.cross_entropy(out.float(), y, reduction="sum")
-            totals[1] += (out.argmax(1) == y).sum()
+        seen = 0
+        for x, y in loader.eval_batches(self.eval_batch * self.dist.world, self.dist.rank, self.dist.world):
+            losses, wrong = self._predict(net, x, y)
+            totals[0] += losses.sum()
+            totals[1] += wrong.sum()
             totals[2] += y.shape[0]
-        loss, correct, count = distributed.all_reduce_sum(totals).tolist()
+            if record:
+                self.bound.record(torch.arange(seen, seen + y.shape[0], device=self.device), losses)
+                seen += y.shape[0]
+        loss, wrong, count = distributed.all_reduce_sum(totals).tolist()
         self.model.train()
-        # (count - correct) / count, not 1 - correct / count: 100 errors in 2000 are exactly 0.05, so a run stops at a
-        # target of 0.05 where its (float32) TensorBoard point says it reached it
-        return {"val/loss": loss / count, "val/error": (count - correct) / count}
+        # wrong / count, not 1 - correct / count: 100 errors in 2000 are exactly 0.05, so a run stops at a target of
+        # 0.05 where its (float32) TensorBoard point says it reached it
+        return {"val/loss": loss / count, "val/error": wrong / count}
 
     def validate(self) -> None:
         """Evaluate now and record it (val/* at this update, best error; the target's crossing)."""
@@ -465,6 +495,40 @@ class Trainer:
             log.info("target val %s <= %g reached at update %d (resolution %d updates)", self.target[0],
                      self.target[1], st.step, st.target_gap)
         st.last_eval = st.step
+        self._tick = time.perf_counter()  # evaluation time is not training throughput
+
+    @torch.no_grad()
+    def check_target(self) -> None:
+        """At a target point (`target_steps`): decide whether the validation split is still above the target from
+        its hardest samples first (the exact bound of `lbtrain.target`); only a point the bound cannot decide is
+        evaluated and recorded in full (`validate`), so the crossing is a full evaluation's."""
+        bound, st, dist = self.bound, self.state, self.dist
+        assert bound is not None
+        net, order, partial = self._eval_net(), bound.order(), torch.zeros((), device=self.device)
+        above = False
+        for lo, hi in bound.chunks():
+            idx = order[lo:hi].tensor_split(dist.world)[dist.rank] if dist.enabled else order[lo:hi]
+            losses = []
+            for part in idx.split(self.eval_batch):
+                x, y = self.val_loader.samples(part)
+                loss, wrong = self._predict(net, x, y)
+                partial += wrong.sum() if bound.metric == "error" else loss.sum()
+                losses.append(loss)
+            losses = torch.cat(losses) if losses else torch.zeros(0, device=self.device)
+            if dist.enabled:  # every rank keeps the same order: the chunk's losses from all ranks
+                scattered = torch.zeros(bound.n, device=self.device)
+                scattered[idx] = losses
+                bound.record(order[lo:hi], distributed.all_reduce_sum(scattered)[order[lo:hi]])
+            else:
+                bound.record(idx, losses)
+            if bound.above(distributed.all_reduce_sum(partial.clone()).item()):  # one host read per chunk
+                above = True
+                break
+        self.model.train()
+        if not above:
+            self.validate()  # at or below the target by the bound's own count: the full evaluation decides
+            return
+        st.last_eval = st.step  # a look, without a value for the whole split
         self._tick = time.perf_counter()  # evaluation time is not training throughput
 
     @property
@@ -520,7 +584,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ the run
     def fit(self) -> dict[str, Any]:
         """Train to the end of the plan (or max_steps); returns results.json's content."""
-        st = self.state
+        st, cfg = self.state, self.cfg
         if self.folder.final or st.status in FINAL:
             return self._already_done()
         if not self.resumed_from:
@@ -541,7 +605,7 @@ class Trainer:
                         break
                 if st.status == "running":
                     st.status = "completed"  # (at the plan's end, or at the target)
-                if self.test_loader is not None and not st.last_test:  # dataset.holdout: the test split, once
+                if self.test_loader is not None and cfg.eval_test and not st.last_test:  # the test split, once
                     st.last_test = {k.replace("val/", "test/"): v for k, v in self.evaluate(self.test_loader).items()}
                     self.tb.scalars(st.step, st.last_test)
                 self._checkpoint(final=True)
@@ -608,8 +672,8 @@ class Trainer:
         if st.step in self.distance_steps:
             self.log_distance()
         within = st.step < self._epoch_last  # (the epoch's end validates and checkpoints itself)
-        if within and st.step in self.eval_steps:
-            self.validate()
+        if within and (st.step in self.eval_steps or st.step in self.target_steps):
+            self.validate() if st.step in self.eval_steps or not self.bound else self.check_target()
             if self.reached:
                 return False
         if within and (st.step in self.keep_steps or (self.every_steps and st.step % self.every_steps == 0)):
@@ -630,6 +694,8 @@ class Trainer:
         due = final or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0) or st.step in self.eval_steps
         if due and not (st.last_val and st.last_eval == st.step):  # (not twice at one update: a target stop)
             self.validate()
+        elif st.step in self.target_steps and st.last_eval != st.step:
+            self.validate() if not self.bound else self.check_target()
         final = final or self.reached
         if self.dist.main:  # printed above the progress bar in a terminal, always in lbtrain.log
             val = f" val_err {st.last_val['val/error']:.4f}" if st.last_val else ""

@@ -8,6 +8,8 @@ Three measurements on the current machine (CPU, one torch thread unless --thread
    (Hydra composes each job's config), `session.prepare` (checks, folder, lock), `Trainer.setup` (data load, model,
    optimizer, TensorBoard writer; the data load timed on its own), `fit` (split into evaluation, checkpoints and
    the rest: training), and release. The first trial is reported apart (first-use costs of the process).
+   The same trials again with `target.log_all=true` (every target point evaluated in full, as before the
+   bound of `lbtrain.target`): evaluation shares side by side, and whether every trial stopped at the same update.
 2. **Stop at target vs the full budget**: the same trials with `target.error=null` (no target: the whole budget,
    validation at epoch ends as a run without a target does), so updates and seconds compare directly.
 3. **The real joblib launcher** (`--joblib N` workers, default 1; 0 skips it): the search through the CLI in a
@@ -40,6 +42,8 @@ def main() -> None:
     ap.add_argument("--batches", default="16,128,512")
     ap.add_argument("--trials", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--budget-epochs", type=float, default=8, help="each trial's budget (the search's budget.amount)")
+    ap.add_argument("--min-steps", type=int, default=100, help="the budget's least updates (budget.min_steps)")
     ap.add_argument("--joblib", type=int, default=1, help="workers of the end-to-end joblib search (0: skip; one "
                     "by default, so that a small machine's contention does not hide the per-job cost)")
     ap.add_argument("--json", help="also write the numbers here")
@@ -56,9 +60,12 @@ def main() -> None:
 
     out["import_s"] = time.perf_counter() - t
     with tempfile.TemporaryDirectory() as tmp:
-        warm = warm_worker(Path(tmp) / "target", batches, args.trials, study)
-        full = warm_worker(Path(tmp) / "full", batches, args.trials, study, extra=["target.error=null"])
-        out["target"], out["full"] = warm, full
+        budget = {"unit": "epochs", "amount": args.budget_epochs, "min_steps": args.min_steps}
+        out["budget"] = budget
+        warm = warm_worker(Path(tmp) / "target", batches, args.trials, study, budget)
+        dense = warm_worker(Path(tmp) / "log_all", batches, args.trials, study, budget, extra=["target.log_all=true"])
+        full = warm_worker(Path(tmp) / "full", batches, args.trials, study, budget, extra=["target.error=null"])
+        out["target"], out["log_all"], out["full"] = warm, dense, full
         if args.joblib:
             out["joblib"] = joblib_search(Path(tmp) / "joblib", batches, args.trials, study, args.joblib)
     report(out)
@@ -76,7 +83,7 @@ def timed(into: dict[str, float], key: str):
         into[key] += time.perf_counter() - t
 
 
-def warm_worker(root: Path, batches: list[int], trials: int, study: list[str],
+def warm_worker(root: Path, batches: list[int], trials: int, study: list[str], budget: dict[str, Any],
                 extra: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
     """Run the search's trials (each with `extra` overrides appended) one after another in this process, timing
     each phase of each job."""
@@ -89,16 +96,24 @@ def warm_worker(root: Path, batches: list[int], trials: int, study: list[str],
     from lbtrain.trainer import Trainer
 
     setup_hydra()
-    search = {"batches": batches, "trials": trials, "confirm_seeds": 1,
-              "budget": {"unit": "epochs", "amount": 8, "min_steps": 100}}
+    search = {"batches": batches, "trials": trials, "confirm_seeds": 1, "budget": budget}
     root.mkdir(parents=True)
     phases: dict[str, float] = defaultdict(float)
     # the evaluation, checkpoint and data-load calls, timed where the trainer makes them (the loop is untouched)
-    originals = (Trainer.evaluate, Trainer.save, trainer_mod.load_dataset)
+    originals = (Trainer.evaluate, Trainer.save, trainer_mod.load_dataset, Trainer.check_target)
+    depth = [0]  # a bounded target check that ends in a full evaluation is timed once
 
-    def evaluate(self, *a, **k):
-        with timed(phases, "evaluate"):
-            return originals[0](self, *a, **k)
+    def outermost(original):
+        def wrapped(self, *a, **k):
+            depth[0] += 1
+            try:
+                if depth[0] > 1:
+                    return original(self, *a, **k)
+                with timed(phases, "evaluate"):
+                    return original(self, *a, **k)
+            finally:
+                depth[0] -= 1
+        return wrapped
 
     def save(self, *a, **k):
         with timed(phases, "checkpoint"):
@@ -109,7 +124,8 @@ def warm_worker(root: Path, batches: list[int], trials: int, study: list[str],
             return originals[2](*a, **k)
 
     rows = []
-    Trainer.evaluate, Trainer.save, trainer_mod.load_dataset = evaluate, save, load
+    Trainer.evaluate, Trainer.save, trainer_mod.load_dataset = outermost(originals[0]), save, load
+    Trainer.check_target = outermost(originals[3])
     try:
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             space = compose(config_name="config", overrides=study, return_hydra_config=True).hydra.sweeper
@@ -142,7 +158,7 @@ def warm_worker(root: Path, batches: list[int], trials: int, study: list[str],
                              "prepare": p["prepare"], "setup": p["setup"] - p.get("data", 0.0),
                              "release": p["release"], "reached": bool((res.get("target") or {}).get("reached"))})
     finally:
-        Trainer.evaluate, Trainer.save, trainer_mod.load_dataset = originals
+        Trainer.evaluate, Trainer.save, trainer_mod.load_dataset, Trainer.check_target = originals
     return {"first": rows[0], "rest": rows[1:]}
 
 
@@ -201,6 +217,12 @@ def report(out: dict[str, Any]) -> None:
     print(f"   evaluation / (training + eval)   {evaluation:6.2f}")
     print(f"   data load / fixed cost           {s(rest, 'data') / s(rest, 'fixed'):6.2f}")
     print(f"   trials that reached the target   {sum(r['reached'] for r in rest)}/{n}")
+    dense = out["log_all"]["rest"]
+    share_dense = s(dense, "evaluate") / (s(dense, "train") + s(dense, "evaluate"))
+    same = all(a["updates"] == b["updates"] for a, b in zip(rest, dense))
+    print(f"   with target.log_all=true         {share_dense:6.2f}  (every target point evaluated in full; "
+          f"evaluation time ratio {s(rest, 'evaluate') / s(dense, 'evaluate'):.3f}; same updates in every trial: "
+          f"{same})")
     print("\n2. stop at the target vs the full budget (same trials, after the first)")
     print(f"   updates  {s(rest, 'updates'):8.0f} vs {s(full, 'updates'):8.0f}   ratio "
           f"{s(rest, 'updates') / s(full, 'updates'):.3f}")

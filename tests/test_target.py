@@ -12,8 +12,9 @@ import torch
 from helpers import make_cfg, only_run, run_cli, scalars
 
 from lbtrain.data import load_dataset
-from lbtrain.ewa import WeightAverage, target_steps
+from lbtrain.ewa import WeightAverage
 from lbtrain.regime import make_plan
+from lbtrain.target import TargetBound, target_steps
 from lbtrain.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -44,17 +45,69 @@ def test_samples_at_follows_a_growing_batch():
     assert plan.samples_at(plan.total_updates) == 4 * 1536
 
 
-def test_the_run_stops_at_its_target_and_records_where(tmp_path):
-    t = Trainer(make_cfg("target.error=0.12", "progress=false", "threads=1"), tmp_path)
+def _stop_at(tmp_path, name, *overrides):
+    """A digits run stopping at its target; returns (results, trainer, samples looked at by bounded checks)."""
+    t = Trainer(make_cfg("progress=false", "threads=1", "deterministic=true", *overrides), tmp_path / name)
     t.setup()
-    res = t.fit()
-    tgt = res["target"]
-    val = scalars(tmp_path)["val/error"]
-    first = next(step for step, err in val if err <= 0.12)  # recomputed from TensorBoard
-    assert tgt["reached"] and tgt["update"] == first == res["updates"] < res["planned_updates"]
-    assert tgt["samples"] == first * 16 and tgt["split"] == "val" and res["status"] == "completed"
+    looked = []
+    samples = t.val_loader.samples
+    t.val_loader.samples = lambda idx: (looked.append(len(idx)), samples(idx))[1]
+    return t.fit(), t, sum(looked)
+
+
+@pytest.mark.parametrize("target", ["target.error=0.12", "target.loss=0.45"])
+def test_the_run_stops_at_its_target_and_records_where(tmp_path, target):
+    """With every target point evaluated in full and logged (target.log_all), the crossing recomputed from
+    TensorBoard is the run's; the default (the bound: a point is decided from its hardest samples) stops at the same
+    update with the same weights, records and crossing value, having looked at fewer samples."""
+    full, t_full, looked_full = _stop_at(tmp_path, "full", target, "target.log_all=true")
+    metric, value = target.split("=")[0].split(".")[1], float(target.split("=")[1])
+    val = scalars(tmp_path / "full")[f"val/{metric}"]
+    first = next(step for step, v in val if v <= value)  # recomputed from TensorBoard
+    tgt = full["target"]
+    assert tgt["reached"] and tgt["update"] == first == full["updates"] < full["planned_updates"]
+    assert tgt["samples"] == first * 16 and tgt["split"] == "val" and full["status"] == "completed"
     before = max(step for step, _ in val if step < first)
     assert tgt["resolution"] == first - before <= max(1, math.ceil(0.02 * first))
+    assert looked_full == 0 and first > 10  # (a crossing after several points: the bound had work to do)
+
+    fast, t_fast, looked = _stop_at(tmp_path, "fast", target)
+    same = ("updates", "final_val_error", "final_val_loss", "best_val_error", "target", "final_distance")
+    assert {k: fast[k] for k in same} == {k: full[k] for k in same}
+    assert all(torch.equal(a, b) for a, b in zip(t_fast.net.state_dict().values(), t_full.net.state_dict().values()))
+    points = sum(1 for s in t_fast.target_steps if s < first)
+    assert 0 < looked < 0.5 * points * len(t_fast.val_loader)  # not every point evaluated in full
+    fast_val = dict(scalars(tmp_path / "fast")[f"val/{metric}"])
+    assert fast_val[first] == dict(val)[first] and len(fast_val) < len(val)  # the crossing is a full evaluation
+
+
+def test_the_bound_never_calls_a_reached_target_above():
+    """Against brute force: for random per-sample outcomes and any order, a prefix declared above the target only
+    when the whole split is; an error exactly at the target (k = E n) is never above."""
+    g = torch.Generator().manual_seed(0)
+    for n, value in ((261, 0.12), (2000, 0.05), (100, 0.3)):
+        for _ in range(200):
+            wrong = (torch.rand(n, generator=g) < torch.rand((), generator=g)).float()
+            bound = TargetBound("error", value, n, torch.device("cpu"))
+            bound.record(torch.randperm(n, generator=g), torch.rand(n, generator=g))
+            total = wrong.sum().item()
+            order, partial, said_above = bound.order(), 0.0, False
+            for lo, hi in bound.chunks():
+                partial += wrong[order[lo:hi]].sum().item()
+                said_above = said_above or bound.above(partial)
+            assert said_above == (total / n > value)
+        exact = TargetBound("error", value, n, torch.device("cpu"))
+        assert not exact.above(math.floor(value * n)) and exact.above(math.floor(value * n) + 1)
+    loss = TargetBound("loss", 0.5, 1000, torch.device("cpu"))
+    assert not loss.above(500.0) and not loss.above(500.004) and loss.above(500.01)
+
+
+def test_the_bound_looks_at_the_hardest_samples_first():
+    bound = TargetBound("error", 0.05, 2000, torch.device("cpu"))
+    assert [c for c in bound.chunks()] == [(0, 126), (126, 378), (378, 882), (882, 1890), (1890, 2000)]
+    bound.record(torch.arange(1000), torch.linspace(0, 1, 1000))  # the other 1000: never looked at, first
+    order = bound.order()
+    assert order[:1000].tolist() == list(range(1000, 2000)) and order[1000:1003].tolist() == [999, 998, 997]
 
 
 def test_holdout_is_class_balanced_disjoint_and_fixed(tmp_path):

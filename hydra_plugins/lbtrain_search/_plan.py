@@ -35,6 +35,9 @@ SCALES = ("log", "log1m", "linear")
 UNITS = ("epochs", "samples", "steps")
 # keys a trial sets itself: the study (the command line's other overrides) may not set them too
 SEARCH_SET = ("batch", "epochs")
+# a trial skips the test split (dataset.holdout: trials are ranked on the holdout, and only the confirmed runs'
+# test error is reported); its confirmation runs evaluate it. A study that sets eval_test itself keeps its choice.
+TRIAL_ONLY = "eval_test=false"
 
 
 def SearchError(key: str, value: Any, allowed: str) -> Exception:  # noqa: N802 - raised like a class
@@ -233,6 +236,7 @@ def expand(search: Mapping[str, Any], study: Sequence[str], compose: Callable[[l
     points = sobol_points(len(dims), s["trials"], s["seed"])
     trials: list[Trial] = []
     seed = 0
+    own = [] if any(o.split("=")[0].lstrip("+~") == "eval_test" for o in study) else [TRIAL_ONLY]
     for batch in s["batches"]:
         cfg = compose([*prefix, *study, f"batch={batch}"])
         seed = int(cfg.seed)
@@ -249,7 +253,7 @@ def expand(search: Mapping[str, Any], study: Sequence[str], compose: Callable[[l
         for i, t in enumerate(points):
             values = {d.key: d.value(u, batch, int(cfg.base.batch), float(cfg.base.lr)) for d, u in zip(dims, t)}
             overrides = [*prefix, *study, f"batch={batch}", f"epochs={epochs}",
-                         *(f"{k}={v}" for k, v in values.items())]
+                         *(f"{k}={v}" for k, v in values.items()), *own]
             trials.append(Trial(batch=batch, index=i, values=values, epochs=epochs, steps=steps, overrides=overrides))
     text = json.dumps([s, study], sort_keys=True, default=str)
     return Study(trials=trials, study=study, seed=seed, confirm_seeds=s["confirm_seeds"],
@@ -337,10 +341,11 @@ def best(outcomes: Sequence[Outcome]) -> Outcome | None:
 
 def confirmations(winner: Trial, trial_seed: int, seeds: int) -> list[Trial]:
     """The best trial again with `seeds` new seeds, trial_seed + 1 .. trial_seed + seeds: the same overrides, only
-    `seed` differs. The trial's own run is not one of them: it was picked for being fast, so counting it would
+    `seed` differs (and the test split is evaluated: `TRIAL_ONLY` dropped). The trial's own run is not one of them: it was picked for being fast, so counting it would
     bias the steps to target low (on digits the winning trial at B=128 took 4 updates, its re-run 39)."""
     return [Trial(batch=winner.batch, index=winner.index, values=winner.values, epochs=winner.epochs,
-                  steps=winner.steps, overrides=[*winner.overrides, f"seed={s}"], seed=s)
+                  steps=winner.steps, overrides=[*(o for o in winner.overrides if o != TRIAL_ONLY), f"seed={s}"],
+                  seed=s)
             for s in range(trial_seed + 1, trial_seed + seeds + 1)]
 
 
