@@ -217,6 +217,12 @@ def report(out: dict[str, Any]) -> None:
     print(f"   evaluation / (training + eval)   {evaluation:6.2f}")
     print(f"   data load / fixed cost           {s(rest, 'data') / s(rest, 'fixed'):6.2f}")
     print(f"   trials that reached the target   {sum(r['reached'] for r in rest)}/{n}")
+    for batch in out["batches"]:
+        mine = [r for r in rest if r["batch"] == batch]
+        theirs = [r for r in out["log_all"]["rest"] if r["batch"] == batch]
+        if mine and theirs:
+            print(f"     batch {batch:>5}: {s(mine, 'evaluate') / (s(mine, 'train') + s(mine, 'evaluate')):5.2f}"
+                  f"  (target.log_all=true {s(theirs, 'evaluate') / (s(theirs, 'train') + s(theirs, 'evaluate')):.2f})")
     dense = out["log_all"]["rest"]
     share_dense = s(dense, "evaluate") / (s(dense, "train") + s(dense, "evaluate"))
     same = all(a["updates"] == b["updates"] for a, b in zip(rest, dense))
