@@ -133,6 +133,8 @@ def test_best_trial_and_its_confirmations():
     again = plan.confirmations(tied[2].trial, trial_seed=0, seeds=5)
     assert [t.seed for t in again] == [1, 2, 3, 4, 5]  # new seeds: the trial itself (seed 0) is not one of them
     assert all(t.overrides == ["batch=64", f"seed={t.seed}"] for t in again)
+    trial = plan.Trial(batch=64, index=0, values={}, epochs="2", steps=40, overrides=["batch=64", plan.TRIAL_ONLY])
+    assert plan.confirmations(trial, 0, 1)[0].overrides == ["batch=64", "seed=1"]  # confirmations evaluate the test
 
 
 # ------------------------------------------------------------------------------------------- real searches
@@ -166,6 +168,8 @@ def test_search_confirms_the_best_trials_and_a_rerun_trains_nothing(tmp_path):
         assert [k for k, _, _ in diff(mine["identity"], theirs["identity"])] == ["seed"]
         assert mine["lr"] == float(best["values"]["base.lr"])  # regime=baseline: the sampled LR as is
         assert mine["target"]["split"] == "holdout"
+        # the test split: skipped by the trials (ranked on the holdout), reported by the confirmed runs
+        assert mine["final_test_error"] is None and theirs["final_test_error"] is not None
     runs = [d for d in (tmp_path / "outputs" / "digits").iterdir() if d.is_dir()]
     assert len(runs) == 8  # 2 batches x (2 trials + 2 confirmations)
 
