@@ -125,3 +125,20 @@ def test_noise_scale_two_ranks_equal_one_process(tmp_path, bn):
         torch.testing.assert_close(torch.tensor([v for _, v in sa[tag]]), torch.tensor([v for _, v in sb[tag]]),
                                    rtol=1e-3, atol=1e-6, msg=tag)
     assert all(v > 0 for _, v in sa["gns/trace_cov"])  # (what the per-rank pass against the global gradient missed)
+
+
+def test_target_bound_under_two_processes_stops_where_full_evaluations_do(tmp_path):
+    """The bound's looks are split over the ranks (each its share of every chunk, the counts all-reduced, the order
+    kept the same on every rank): the run stops at the update, with the weights, that full evaluations give."""
+    args = ("regime=gbn", "batch=64", "ghost_batch=16", "deterministic=true", "target.error=0.06", "max_steps=300")
+    runs = {}
+    for name, extra in (("bound", ()), ("full", ("target.log_all=true",))):
+        (tmp_path / name).mkdir()
+        p = torchrun(*args, *extra, cwd=tmp_path / name)
+        assert p.returncode == 0, p.stderr[-3000:]
+        runs[name] = only_run(tmp_path / name)
+    bound, full = (json.loads((runs[k] / "results.json").read_text()) for k in ("bound", "full"))
+    assert bound["target"]["reached"] and bound["target"] == full["target"] and bound["updates"] > 10
+    a, b = (load_checkpoint(runs[k] / "checkpoint.pt")["model"] for k in ("bound", "full"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len(scalars(runs["bound"])["val/error"]) < len(scalars(runs["full"])["val/error"])
