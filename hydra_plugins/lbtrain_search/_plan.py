@@ -341,8 +341,9 @@ def best(outcomes: Sequence[Outcome]) -> Outcome | None:
 
 def confirmations(winner: Trial, trial_seed: int, seeds: int) -> list[Trial]:
     """The best trial again with `seeds` new seeds, trial_seed + 1 .. trial_seed + seeds: the same overrides, only
-    `seed` differs (and the test split is evaluated: `TRIAL_ONLY` dropped). The trial's own run is not one of them: it was picked for being fast, so counting it would
-    bias the steps to target low (on digits the winning trial at B=128 took 4 updates, its re-run 39)."""
+    `seed` differs (and the test split is evaluated: `TRIAL_ONLY` dropped). The trial's own run is not one of them:
+    it was picked for being fast, so counting it would bias the steps to target low (on digits the winning trial at
+    B=128 took 4 updates, its re-run 39)."""
     return [Trial(batch=winner.batch, index=winner.index, values=winner.values, epochs=winner.epochs,
                   steps=winner.steps, overrides=[*(o for o in winner.overrides if o != TRIAL_ONLY), f"seed={s}"],
                   seed=s)
