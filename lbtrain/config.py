@@ -60,6 +60,14 @@ class Precision(Enum):
     bf16 = "bf16"
 
 
+class BranchRule(Enum):
+    """How a branch at batch k B scales the parent's LR (lbtrain.branch)."""
+
+    none = "none"  # the parent's LR
+    sqrt = "sqrt"  # sqrt(k) x (Adam-type optimizers: Malladi et al. 2022)
+    linear = "linear"  # k x (SGD: Goyal et al. 2017)
+
+
 @dataclass
 class DatasetConfig:
     name: str = "digits"  # digits | mnist | fashion_mnist | cifar10 | cifar100 | imagenet | synthetic
@@ -179,13 +187,38 @@ class EWAConfig:
 
 @dataclass
 class SharpnessConfig:
-    """Top Hessian eigenvalue (Lanczos) and Hessian trace (Hutchinson) of the training loss; see
-    lbtrain/instruments/sharpness.py. Costs (iters + trace_samples) Hessian-vector products over `samples`."""
+    """Top Hessian eigenvalues (Lanczos), Hessian trace (Hutchinson) and batch sharpness of the training loss, and
+    the edge-of-stability thresholds; definitions in lbtrain/instruments/sharpness.py. On when any cadence is set.
+    Costs (iters + trace_samples) Hessian-vector products over `samples`, plus 2 x batch_batches passes over a
+    training batch."""
 
-    every_epochs: int = 0  # 0: off; N: at every N-th epoch end and at the end of the run
+    every_epochs: int = 0  # 0: off; N: at every N-th epoch end (and at the end of the run)
+    every_steps: int = 0  # 0: off; N: after every N-th update (and at the end of the run)
+    per_decade: int = 0  # 0: off; K: at lbtrain.metrics.log_spaced_steps(updates, K) (and at the end of the run)
     samples: int = 1024  # fixed training samples (the same for every run of a sweep)
+    bn: str = "train"  # train: BN over fixed batches of bn_batch samples; eval: running statistics (PyHessian)
+    bn_batch: int = "${base.batch}"  # type: ignore[assignment]  # B_S: fixed across the batch sizes of a sweep
+    top_k: int = 1  # eigenvalues reported (k > 1: Lanczos with full reorthogonalisation, iters vectors in memory)
     iters: int = 20  # Lanczos steps (stops earlier when converged)
-    trace_samples: int = 10  # Hutchinson probe vectors (0: no trace)
+    trace_samples: int = 30  # Hutchinson probe vectors (0: no trace; >= 2 for a standard error)
+    batch_batches: int = 8  # fixed mini-batches of the run's batch for the batch sharpness (0: not measured)
+
+
+@dataclass
+class BranchConfig:
+    """A branch (lbtrain/branch.py): from the parent run's kept checkpoint at update `update`, train `samples` samples
+    at batch k x B (B the parent's batch there) with the parent's LR there scaled by `rule`, held constant. The rest
+    of the config must be the parent's (max_steps aside). `parent` (a folder) is run-only: the identity records the
+    parent run's identity hash instead (branch.parent_identity)."""
+
+    parent: str | None = None  # the parent's run folder; null: not a branch
+    # its kept checkpoint checkpoints/update_<N>.pt (checkpoint.keep in the parent); read it as node["update"]:
+    # on a DictConfig, node.update is the mapping's method
+    update: int | None = None
+    k: int = 1  # batch multiplier
+    rule: BranchRule = BranchRule.linear  # LR x k (linear), x sqrt(k) (sqrt), x 1 (none)
+    samples: int | None = None  # samples to train (a multiple of k B): samples / (k B) updates
+    seed: int = 0  # data order after the branch point: 0 continues the parent's stream, N > 0 another one
 
 
 @dataclass
@@ -238,6 +271,7 @@ class Config:
     progress: bool | None = None  # tqdm bar; null: only when stderr is a terminal
     skip_bad_jobs: bool = False  # a sweep runs even if some jobs fail its pre-flight check (they are recorded)
     resume: str | None = None  # checkpoint to resume from; default: the run folder's own
+    branch: BranchConfig = field(default_factory=BranchConfig)  # branch from a parent run's kept checkpoint
     effective: dict[str, Any] = field(default_factory=dict)  # derived values, shown by --cfg job
 
 
@@ -374,6 +408,7 @@ def validate(cfg: Any, world_size: int = 1) -> None:
     if not isinstance(cfg.eval_per_decade, int) or cfg.eval_per_decade < 0:
         raise ConfigError("eval_per_decade", cfg.eval_per_decade, "must be an integer >= 0 (0: off)")
     instruments.check(cfg, None)  # each instrument's own options (those that need no data)
+    _check_branch(cfg)
     if cfg.regime.momentum is not None and not 0 <= cfg.regime.momentum < 1:
         raise ConfigError("regime.momentum", cfg.regime.momentum, "must be in [0, 1)")
 
@@ -387,6 +422,38 @@ def validate(cfg: Any, world_size: int = 1) -> None:
         _positive_int("regime.max_batch", cfg.regime.max_batch)
         if cfg.regime.max_batch < cfg.batch:
             raise ConfigError("regime.max_batch", cfg.regime.max_batch, f"must be >= batch ({cfg.batch})")
+
+
+def _check_branch(cfg: Any) -> None:
+    """The branch node's own values (lbtrain.branch checks them against the parent run, in lbtrain.session)."""
+    b = cfg.get("branch") if isinstance(cfg, DictConfig) else getattr(cfg, "branch", None)
+    if b is None:
+        return
+    b = b if isinstance(b, DictConfig) else OmegaConf.structured(b)  # (item access: DictConfig.update is a method)
+    if b.parent is None:
+        for key, default in (("update", None), ("samples", None), ("k", 1), ("seed", 0), ("rule", "linear")):
+            value = getattr(b[key], "name", b[key])
+            if value != default:
+                raise ConfigError(f"branch.{key}", value, "needs branch.parent=RUN_FOLDER (a branch "
+                                  "starts from a kept checkpoint of that run)")
+        return
+    if not str(b.parent).strip():
+        raise ConfigError("branch.parent", b.parent, "must be a run folder")
+    if b["update"] is None:
+        raise ConfigError("branch.update", None, "give the update of the parent's kept checkpoint to branch from "
+                          "(its checkpoints/update_<N>.pt)")
+    for key in ("update", "k"):
+        _positive_int(f"branch.{key}", b[key])
+    if b.samples is None:
+        raise ConfigError("branch.samples", None, "give the samples each branch trains (a multiple of k x the "
+                          "parent's batch)")
+    _positive_int("branch.samples", b.samples)
+    if not isinstance(b.seed, int) or not 0 <= b.seed < 2**63:
+        raise ConfigError("branch.seed", b.seed, "must be an integer in [0, 2^63) (0: the parent's data order)")
+    for key in ("error", "loss"):
+        if getattr(cfg.target, key) is not None:
+            raise ConfigError(f"target.{key}", getattr(cfg.target, key), "a branch trains branch.samples samples: "
+                              "it cannot stop at a target (branch from a run without one)")
 
 
 def _get(cfg: Any, dotted: str) -> Any:

@@ -13,6 +13,9 @@ The resolved config splits into two kinds of keys, listed here and nowhere else:
 `micro_batch` is part of the identity only without ghost batch norm: with GBN every micro-batch holds whole ghost
 batches and the update equals the one without accumulation (running statistics included), while with plain
 BatchNorm the micro-batch is the group BN normalizes over, which changes what is trained.
+A branch (`branch.parent=RUN`, lbtrain.branch) keeps its `branch` node without the parent's folder (run-only: where
+the parent lies); `lbtrain.session` adds `branch.parent_identity`, the parent run's identity hash. A run that is not
+a branch has no `branch` node.
 
 Everything here is a pure function of plain dicts (`OmegaConf.to_container(cfg, resolve=True)`), so the
 report can use it on results.json files without Hydra.
@@ -35,6 +38,7 @@ RUN_ONLY: tuple[str, ...] = (
     "dataset.root", "dataset.download", "dataset.workers",
     "regime.label", "regime.rank",  # how reports show a regime preset
     "effective",  # derived from the rest (shown by --cfg job), not a setting
+    "branch.parent",  # where the parent run lies: lbtrain.session records its identity hash instead
 )
 SEED_KEY = "seed"
 HASH_CHARS = 12
@@ -58,6 +62,8 @@ def identity(resolved: Mapping[str, Any]) -> dict[str, Any]:
     """The identity of a run from its resolved config as plain containers (`hydra` key, if any, ignored)."""
     ident = json.loads(json.dumps(dict(resolved), default=str))  # a deep, JSON-typed copy
     ident.pop("hydra", None)
+    if not (ident.get("branch") or {}).get("parent"):
+        ident.pop("branch", None)  # not a branch: the node says nothing (identities from before it are unchanged)
     for key in run_only():
         _drop(ident, key)
     regime = ident.get("regime") or {}

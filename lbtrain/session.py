@@ -2,7 +2,8 @@
 
 `prepare(cfg, run_dir)` checks, in order: the config's keys and values (`lbtrain.config.validate`, torch-free),
 the optimizer's options, that the data is where the config says, the plan (`lbtrain.regime.make_plan`: batch
-layout, sizes, updates), the instruments' own options, the device, the model (built on the meta device with a
+layout, sizes, updates; a branch's, `lbtrain.branch.resolve`: its parent folder, kept checkpoint and configuration),
+the instruments' own options, the device, the model (built on the meta device with a
 meta forward pass: options, shapes, BatchNorm over fewer than two samples), the run's identity, and the run
 folder (another run's records, a foreign or corrupt checkpoint, another live writer); with `lock=True` it then
 takes the folder's lock. The result, `Prepared`, is what the CLI's pre-flight callback, the job and the `Trainer`
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from lbtrain import branch as branching
 from lbtrain import distributed
 from lbtrain.checkpoint import CHECKPOINT_KEYS, CheckpointError, load_checkpoint
 from lbtrain.config import ConfigError, OptimizerConfig, resolved, schema_defaults, validate
@@ -59,6 +61,7 @@ class Prepared:
     folder: FolderState
     checkpoint: dict[str, Any] | None = None  # the verified checkpoint to resume from, loaded on the CPU
     lock: RunLock | None = None  # the run folder's lock, held (rank 0 of a prepared-with-lock run)
+    branch: branching.Branch | None = None  # a branch (branch.parent): what it starts from and trains
 
     @property
     def batch(self) -> int:
@@ -74,15 +77,17 @@ class Prepared:
         (an ImageFolder's classes, say); itself when they agree (every dataset whose sizes are known up front)."""
         if (train_size, num_classes, tuple(input_shape)) == (self.train_size, self.num_classes, self.input_shape):
             return self
-        plan, has_bn, bn_batch = _plan_and_model(self.cfg, self.world.world, train_size, num_classes,
-                                                 tuple(input_shape))
+        plan, has_bn, bn_batch, branch = _plan_and_model(self.cfg, self.world.world, train_size, num_classes,
+                                                         tuple(input_shape))
         return replace(self, plan=plan, train_size=train_size, num_classes=num_classes,
-                       input_shape=tuple(input_shape), has_batchnorm=has_bn, bn_batch=bn_batch)
+                       input_shape=tuple(input_shape), has_batchnorm=has_bn, bn_batch=bn_batch, branch=branch)
 
 
-def run_identity(cfg: Any) -> tuple[dict[str, Any], str]:
-    """(identity, short hash) of a composed config."""
+def run_identity(cfg: Any, branch: branching.Branch | None = None) -> tuple[dict[str, Any], str]:
+    """(identity, short hash) of a composed config; a branch's with its parent's identity hash."""
     ident = identity(resolved(cfg))
+    if branch is not None:
+        ident = branch.identity(ident)
     return ident, identity_hash(ident, schema_defaults())
 
 
@@ -107,14 +112,20 @@ def _check_model(model_cfg: str, classes: int, shape: tuple[int, ...]) -> bool:
 
 
 def _plan_and_model(cfg: Any, world: int, size: int, classes: int,
-                    shape: tuple[int, int, int]) -> tuple[Plan, bool, int]:
-    """The checks that depend on the data's sizes: (plan, has BatchNorm, samples per BatchNorm statistic)."""
+                    shape: tuple[int, int, int]) -> tuple[Plan, bool, int, branching.Branch | None]:
+    """The checks that depend on the data's sizes: (plan, has BatchNorm, samples per BatchNorm statistic, the branch
+    (None: not one)). A branch's plan is its own (lbtrain.branch), checked against its parent's plan and folder."""
     if cfg.dataset.subset is not None and cfg.dataset.subset < classes:
         raise ConfigError("dataset.subset", cfg.dataset.subset, f"must hold every one of the {classes} classes "
                           "at least once")
     if cfg.dataset.cutout > min(shape[1], shape[2]):
         raise ConfigError("dataset.cutout", cfg.dataset.cutout, f"must be at most the image side ({min(shape[1:])})")
-    plan = make_plan(cfg, size, world)  # (refuses absurd lengths before building them)
+    # (refuses absurd lengths before building them; a branch's is its parent's plan, whose batch layout was the
+    # parent's to check: the branch's own is checked by `resolve`)
+    plan = make_plan(cfg, size, 1 if branching.requested(cfg) else world)
+    branch = branching.resolve(cfg, plan, size, world) if branching.requested(cfg) else None
+    if branch is not None:
+        plan = branching.plan(plan, branch)
     instruments.check(cfg, size)
     model_cfg = json.dumps(OmegaConf.to_container(cfg.model, resolve=True) if OmegaConf.is_config(cfg.model)
                            else dict(cfg.model), sort_keys=True, default=str)
@@ -125,7 +136,7 @@ def _plan_and_model(cfg: Any, world: int, size: int, classes: int,
         key, value = ("micro_batch", cfg.micro_batch) if cfg.micro_batch else ("batch", plan.epoch_batches[0])
         raise ConfigError(key, value, f"leaves {bn_batch} sample per BatchNorm statistic in {cfg.model.name}, "
                           "which is undefined: use at least 2 samples per process and micro-batch")
-    return plan, has_bn, bn_batch
+    return plan, has_bn, bn_batch, branch
 
 
 def check_config(cfg: Any, world: int = 1, *, local_rank: int = 0, check_data: bool = True,
@@ -147,11 +158,11 @@ def check_config(cfg: Any, world: int = 1, *, local_rank: int = 0, check_data: b
         check_present(cfg.dataset)
         download_if_missing(cfg.dataset)  # (dataset.download=true: a failed download refuses the run here)
     size, classes, shape = facts(cfg.dataset)
-    plan, has_bn, bn_batch = _plan_and_model(cfg, world, size, classes, shape)
+    plan, has_bn, bn_batch, branch = _plan_and_model(cfg, world, size, classes, shape)
     device = pick_device(str(cfg.device), local_rank)
-    ident, digest = run_identity(cfg)
+    ident, digest = run_identity(cfg, branch)
     return dict(plan=plan, identity=ident, identity_hash=digest, train_size=size, num_classes=classes,
-                input_shape=tuple(shape), has_batchnorm=has_bn, bn_batch=bn_batch, device=device)
+                input_shape=tuple(shape), has_batchnorm=has_bn, bn_batch=bn_batch, device=device, branch=branch)
 
 
 _checked: dict[str, dict[str, Any]] = {}  # config -> its facts, from a sweep's whole-sweep check in this process

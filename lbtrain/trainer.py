@@ -30,6 +30,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import lbtrain
+from lbtrain import branch as branching
 from lbtrain import distributed
 from lbtrain.checkpoint import (
     CHECKPOINT_KEYS,
@@ -253,12 +254,13 @@ class Trainer:
         p = self.prepared = self.prepared.with_data(data.train_size, data.num_classes, data.input_shape)
         self.plan, self.identity, self.identity_hash, self.folder = p.plan, p.identity, p.identity_hash, p.folder
         self.batch, self.bn_batch, self.has_batchnorm = p.batch, p.bn_batch, p.has_batchnorm
+        self.branch = p.branch  # a branch (lbtrain.branch): its start, data stream and smoothed loss
         if cfg.duplicates > 1 and not data.augment and not cfg.dataset.cutout:
             log.warning("duplicates=%d without augmentation (dataset.augment=false, no cutout): the copies of a "
                         "sample are identical", cfg.duplicates)
         self.train_loader, self.val_loader = make_loaders(
-            data, device=dev, seed=cfg.seed, channels_last=cfg.channels_last, duplicates=cfg.duplicates,
-            cutout=cfg.dataset.cutout)
+            data, device=dev, seed=self.branch.data_seed if self.branch else cfg.seed,
+            channels_last=cfg.channels_last, duplicates=cfg.duplicates, cutout=cfg.dataset.cutout)
         self.test_loader = make_test_loader(data, device=dev, seed=cfg.seed, channels_last=cfg.channels_last)
 
         model = build_model(cfg.model, data.num_classes, data.input_shape)
@@ -297,6 +299,8 @@ class Trainer:
                         "micro_batch" if self.micro_batch else "the per-process share", self.batch)
         checkpoint = None if self.folder.final else self._resume()
         self.resumed_from = checkpoint is not None
+        if self.branch and not self.resumed_from and not self.folder.final:  # a new branch: the parent's state
+            checkpoint = branching.start(self)
         self.model = model
         if self.dist.enabled:
             # Buffers are not broadcast from rank 0: each rank updates BN running stats from its own (ghost)
@@ -326,6 +330,8 @@ class Trainer:
         if self.ewa and checkpoint and "ewa" in checkpoint:
             self.ewa.load_state_dict(checkpoint["ewa"])
         self.instruments = instruments.attach(self)
+        if self.branch:  # its smoothed loss, kept like an instrument's results and state
+            self.instruments["branch"] = branching.TailLoss(self, DIVERGENCE_BLOCK)
         saved = (checkpoint or {}).get("instruments") or {}
         for name, inst in self.instruments.items():  # an instrument's state (e.g. the noise scale's averages)
             if name in saved:
@@ -589,8 +595,9 @@ class Trainer:
             return self._already_done()
         if not self.resumed_from:
             self.tb.hparams(self.results().hparams())
-            self.tb.scalars(0, {"weights/distance": 0.0})
-            st.distances.append((0, 0.0))
+            d0 = weight_distance(self.params, self.w0).item() if self.branch else 0.0  # (a branch starts at U)
+            self.tb.scalars(0, {"weights/distance": d0})
+            st.distances.append((0, d0))
         self._clock = time.perf_counter() - st.wall  # wall time accumulates over attempts
         with Preemption() as self._preempt, self._progress(self.target_updates) as self._bar:
             try:
@@ -628,7 +635,9 @@ class Trainer:
         self._epoch_batch = plan.batch_at_epoch(epoch)
         self._epoch_last = min(plan.epoch_start[epoch] + plan.epoch_steps[epoch], self.target_updates)
         begin = st.step - plan.epoch_start[epoch]
-        batches = self.train_loader.epoch(epoch, self._epoch_batch, begin, self.dist.rank, self.dist.world)
+        batches = (branching.batches(self.train_loader, self.branch, begin, self.dist.rank, self.dist.world)
+                   if self.branch else
+                   self.train_loader.epoch(epoch, self._epoch_batch, begin, self.dist.rank, self.dist.world))
         return itertools.islice(batches, max(self._epoch_last - st.step, 0))
 
     def _update(self, x: torch.Tensor, y: torch.Tensor) -> None:

@@ -191,3 +191,52 @@ def test_global_rng_untouched_and_generator_reproducible():
     assert top_eigenvalue(loss, [w]) == e1 and hutchinson_trace(loss, [w], samples=5) == t1
     assert hutchinson_trace(loss, [w], samples=5, generator=torch.Generator().manual_seed(9)) == t2
     assert t1["trace"] != t2["trace"] and e2["converged"]
+
+
+# --- top-k eigenvalues (full reorthogonalisation) and the curvature along the gradient ---------------------------
+
+
+def test_top_eigenvalues_known_spectrum_no_ghosts():
+    """Three separated top eigenvalues of a known spectrum, each to 1e-4; without full reorthogonalisation a
+    converged top value would come back as a duplicate ("ghost") and push out the third."""
+    from lbtrain.instruments.hessian import top_eigenvalues
+
+    eigs = [0.1 + 0.9 * i / (D - 5) for i in range(D - 4)] + [3.0, 4.0, 5.0, 6.0]
+    _, w, loss = quadratic(eigs, seed=8)
+    r = top_eigenvalues(loss, [w], k=3, iters=D)
+    assert set(r) == {"eigenvalues", "lambda_max", "residuals", "iters", "hvps", "converged"}
+    assert r["converged"] and len(r["eigenvalues"]) == 3 and r["lambda_max"] == r["eigenvalues"][0]
+    for got, want in zip(r["eigenvalues"], [6.0, 5.0, 4.0]):
+        assert abs(got - want) / want < 1e-4
+    # k = 1 agrees with the memory-lean top_eigenvalue (same start vector)
+    one = top_eigenvalues(loss, [w], k=1, iters=D)
+    assert one["lambda_max"] == pytest.approx(top_eigenvalue(loss, [w], iters=D)["lambda_max"], rel=1e-6)
+    with pytest.raises(ValueError, match="k <= iters"):
+        top_eigenvalues(loss, [w], k=5, iters=4)
+
+
+def test_top_eigenvalues_mlp_against_dense(mlp):
+    from lbtrain.instruments.hessian import top_eigenvalues
+
+    exact = torch.linalg.eigvalsh(mlp["dense"]).flip(0)[:4].tolist()
+    r = top_eigenvalues([mlp["loss_of"](0)], mlp["params"], k=4, iters=80)
+    assert r["converged"]
+    for got, want in zip(r["eigenvalues"], exact):
+        assert abs(got - want) / abs(want) < 0.01
+
+
+def test_gradient_curvature_against_dense(mlp):
+    """g^T H g / |g|^2 of batch 0's loss, g its gradient: Andreyev & Beneventano's mini-batch sharpness."""
+    from lbtrain.instruments.hessian import gradient, gradient_curvature
+
+    loss = mlp["loss_of"](0)
+    g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss(), mlp["params"])])
+    got = torch.cat([t.reshape(-1) for t in gradient([loss], mlp["params"])])
+    torch.testing.assert_close(got, g, rtol=1e-12, atol=1e-14)
+    r = gradient_curvature([loss], mlp["params"])
+    assert r["curvature"] == pytest.approx(float(g @ mlp["dense"] @ g / (g @ g)), rel=1e-9)
+    assert r["grad_norm_sq"] == pytest.approx(float(g @ g), rel=1e-12) and r["hvps"] == 1
+    # two closures: the mean loss's gradient and Hessian
+    two = gradient_curvature([mlp["loss_of"](0), mlp["loss_of"](1)], mlp["params"])
+    assert two["hvps"] == 2 and math.isfinite(two["curvature"]) and two["curvature"] != r["curvature"]
+    assert all(p.grad is None for p in mlp["params"])

@@ -58,6 +58,14 @@ def test_run_only_keys_are_not_identity():
                      "optimizer.bias_correction=false", "optimizer.phi_bounds=[0,10]"):
         assert ident(override) != base, override
     assert set(flatten(base)) & set(run_only()) == set()
+    # branch.*: a branch's keys are identity, except where its parent lies (the session records the parent's
+    # identity hash instead: tests/test_branch.py); without a parent the node is not part of the identity at all
+    branch = {"branch.parent": "/x", "branch.update": 5, "branch.samples": 64}
+    as_args = lambda **change: [f"{k}={v}" for k, v in {**branch, **change}.items()]  # noqa: E731
+    assert ident(*as_args()) != base and "branch" not in base
+    assert ident(*as_args(**{"branch.parent": "/elsewhere"})) == ident(*as_args())
+    for key, value in (("update", 6), ("k", 2), ("rule", "sqrt"), ("samples", 128), ("seed", 1)):
+        assert ident(*as_args(**{f"branch.{key}": value})) != ident(*as_args()), key
 
 
 def test_micro_batch_is_identity_only_without_ghost_bn():

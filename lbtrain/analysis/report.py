@@ -14,6 +14,14 @@ This reads them back (lbtrain.analysis.runs) and writes, into the output folder:
   changes during some run (Smith et al.), batch_schedule.png and noise_scale.png. With several experiments,
   each figure is written per experiment, prefixed by its name. Seeds of one configuration are drawn as their
   mean with a min-max band.
+- edge_of_stability.png, when runs measured sharpness trajectories (`sharpness.every_steps` / `per_decade`):
+  lambda_max and batch sharpness against updates beside 2/lr and 2(1+m)/lr, one panel per run
+  (lbtrain.analysis.eos).
+- measurements.md/csv, when `lbtrain-measure` measured runs after the fact (RUN/measure/measurements.json): one
+  row per run, instrument, update and scalar (e.g. sharpness/lambda_max at a kept checkpoint).
+- local_critical_batch.md/csv/png and branch_losses.md/csv, when some runs are branches (`branch.parent=RUN`,
+  lbtrain.branch): the local critical batch at each branch point with its interval over seeds, beside the parent's
+  B_simple (lbtrain.analysis.branching, `--branch-epsilon`). Branches enter no other table or figure.
 
 Every number says which configuration it came from: runs are grouped by their identity (lbtrain.identity) minus
 the seed, so runs that differ in anything but the seed never share a cell; a table carries the dataset and every
@@ -40,7 +48,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from lbtrain.analysis import critical, regimes, scaling
+from lbtrain.analysis import branching, critical, eos, regimes, scaling
 from lbtrain.analysis.figures import (
     color,
     differences,
@@ -60,6 +68,7 @@ from lbtrain.analysis.runs import (
     find_runs,
     identity_key,
     mean_std,
+    number,
     run_key,
     shown,
     variant_columns,
@@ -234,6 +243,25 @@ def long_table(runs: Sequence[Run]) -> list[dict[str, Any]]:
                      "batch": r.batch, "regime": r.regime, "seed": r.seed, "status": r.status,
                      "identity": r.identity_hash, **values,
                      "fit_a": fit["a"], "fit_b": fit["b"], "fit_r2": fit["r2"], "run": str(r.path)})
+    return rows
+
+
+def measurement_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """What `lbtrain-measure` measured on the runs' checkpoints after the fact: one row per run, instrument,
+    definition (its hash) and update, its TensorBoard scalars in one column (sorted like the runs, then by
+    instrument and update); [] when nothing was. Every value: `Run.measurements` / `Run.measured(tag)`."""
+    rows = []
+    for r in sorted(runs, key=run_key):
+        points = sorted(r.measurements, key=lambda p: (str(p["instrument"]), str(p.get("definition_hash")),
+                                                       int(p["update"])))
+        for p in points:
+            values = ", ".join(f"{tag.split('/', 1)[-1]} {number(v)}"
+                               for tag, v in sorted((p.get("scalars") or {}).items()))
+            rows.append({"experiment": r.experiment, "dataset": r.dataset, "batch": r.batch, "regime": r.regime,
+                         "seed": r.seed, "instrument": p["instrument"],
+                         "definition": str(p.get("definition_hash") or "")[:8], "update": int(p["update"]),
+                         "values": values, "checkpoint": (p.get("checkpoint") or {}).get("file"),
+                         "run": str(r.path)})
     return rows
 
 
@@ -449,12 +477,14 @@ def matches(run: Run, where: dict[str, list[str]]) -> bool:
 
 def summarize(paths: Iterable[str | Path], out_dir: str | Path, figures: bool = True,
               target_error: float | None = None, where: dict[str, list[str]] | None = None,
-              critical_batch: bool | None = None, overhead: float = critical.OVERHEAD) -> dict[str, Any]:
+              critical_batch: bool | None = None, overhead: float = critical.OVERHEAD,
+              branch_epsilon: float = branching.EPSILON) -> dict[str, Any]:
     """Find the runs (those matching `where`, when given), write tables (and figures) into `out_dir`; returns the
     tables and the written files. With `target_error`, or when runs measured the noise scale or sharpness, the
     scaling section too (lbtrain.analysis.scaling); with `critical_batch` (None: when some run carries a target
     block, as a search's runs do), the critical-batch section (lbtrain.analysis.critical, `overhead` for Zhang et
-    al.'s criterion)."""
+    al.'s criterion). Branches (lbtrain.branch) have a section of their own, the local critical batch
+    (lbtrain.analysis.branching, `branch_epsilon` its tolerance), and no place in the other tables."""
     paths = [Path(p) for p in paths]
     runs = find_runs(paths)
     if not runs:
@@ -464,17 +494,26 @@ def summarize(paths: Iterable[str | Path], out_dir: str | Path, figures: bool = 
         if not runs:
             shown = " ".join(f"{k}={','.join(v)}" for k, v in where.items())
             raise NoRunsError(f"no run under {', '.join(map(str, paths))} matches --where {shown}")
+    runs, branches = branching.split(runs)
     rows, omitted = _table1(runs)
     tables = {"table1": rows, "runs": long_table(runs), "runs_mean": aggregate_table(runs)}
+    measured = measurement_rows(runs)
+    if measured:  # lbtrain-measure's points on the runs' checkpoints
+        tables["measurements"] = measured
     files = write_tables(tables, out_dir, notes={"table1": omitted_note(omitted)} if omitted else None)
     if figures:
         files += write_figures(runs, out_dir)
+        files += eos.write_eos(runs, out_dir)  # runs that measured sharpness trajectories (lbtrain.analysis.eos)
     more, extra = scaling.write_scaling(runs, Path(out_dir), target_error, figures)
     if critical_batch or (critical_batch is None and critical.has_targets(runs)):
         crit, crit_files, studies = critical.write_critical(runs, out_dir, overhead, figures)
         more = {**more, **crit, "critical_studies": studies, "critical_section": critical.section(crit, studies)}
         extra += crit_files
-    return {**tables, **more, "table1_omitted": omitted, "files": files + extra, "runs_found": runs}
+    if branches:
+        found, b_files, b_studies = branching.write_branching(branches, out_dir, branch_epsilon, figures, runs)
+        more = {**more, **found, "branching_section": branching.section(found, b_studies, branch_epsilon)}
+        extra += b_files
+    return {**tables, **more, "table1_omitted": omitted, "files": files + extra, "runs_found": runs + branches}
 
 
 def omitted_note(omitted: Sequence[dict[str, Any]]) -> str:
@@ -501,7 +540,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--overhead", type=float, default=critical.OVERHEAD, metavar="X",
                         help="Zhang et al.'s critical batch: the largest batch whose steps to the target are at most "
                              "(1 + X) times perfect scaling from the smallest batch (default 0.2)")
+    parser.add_argument("--branch-epsilon", type=float, default=branching.EPSILON, metavar="E",
+                        help="branches (branch.parent=RUN): the local critical batch is the largest batch whose "
+                             "smoothed loss is within a factor 1 + E of the k = 1 branch's (default "
+                             f"{branching.EPSILON})")
     args = parser.parse_args(argv)
+    if not args.branch_epsilon > 0:
+        print(f"lbtrain-report: error: --branch-epsilon {args.branch_epsilon}: must be > 0", file=sys.stderr)
+        return 2
     if not args.overhead > 0:
         print(f"lbtrain-report: error: --overhead {args.overhead}: must be > 0", file=sys.stderr)
         return 2
@@ -526,7 +572,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         summary = summarize(args.paths, out, figures=not args.no_figures, target_error=args.target_error,
-                            where=where, critical_batch=args.critical_batch, overhead=args.overhead)
+                            where=where, critical_batch=args.critical_batch, overhead=args.overhead,
+                            branch_epsilon=args.branch_epsilon)
     except NoRunsError as e:
         print(f"lbtrain-report: error: {e}", file=sys.stderr)
         return 2
@@ -550,6 +597,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(to_markdown(summary[name]))
     if summary.get("critical_section"):
         print(summary["critical_section"])
+    if summary.get("branching_section"):
+        print(summary["branching_section"])
+    if summary.get("measurements"):
+        print("Measured after the fact (lbtrain-measure), at the runs' checkpoints\n")
+        print(to_markdown(summary["measurements"]))
     print("Wrote:")
     for path in summary["files"]:
         print(f"  {path}")

@@ -98,6 +98,22 @@ class Run:
             self._scalars = read_all_scalars(self.path)
         return self._scalars.get(tag, [])
 
+    @property
+    def measurements(self) -> list[dict[str, Any]]:
+        """What `lbtrain-measure` measured on this run's checkpoints after the fact (RUN/measure/measurements.json;
+        [] when nothing). An unreadable file is skipped with a line on stderr: it never stops a report."""
+        try:
+            return read_measurements(self.path)
+        except ValueError as e:
+            print(f"lbtrain-report: skipping {e}", file=sys.stderr)
+            return []
+
+    def measured(self, tag: str) -> list[tuple[int, float]]:
+        """One scalar measured after the fact (a TensorBoard tag of the instrument, e.g. sharpness/lambda_max), as
+        [(update, value), ...] sorted by update (several definitions at one update: each point)."""
+        return sorted((int(p["update"]), float(p["scalars"][tag])) for p in self.measurements
+                      if p.get("scalars", {}).get(tag) is not None)
+
 
 def read_run(folder: str | Path) -> Run | None:
     """The run in `folder`; None when it holds no results.json; ResultsError when that file is not a results
@@ -105,6 +121,28 @@ def read_run(folder: str | Path) -> Run | None:
     folder = Path(folder)
     results = read_results(folder / "results.json")
     return Run(folder, results) if results is not None else None
+
+
+MEASURE_DIR = "measure"  # lbtrain-measure's folder inside a run folder (its records and TensorBoard streams)
+MEASUREMENTS = "measurements.json"  # its records: {"format": 1, "points": [...]}, one point per measurement
+
+
+def read_measurements(folder: str | Path) -> list[dict[str, Any]]:
+    """The points `lbtrain-measure` recorded for the run in `folder` (each: instrument, update, checkpoint,
+    definition, definition_hash, result, scalars, ...); [] when there are none; ValueError naming the file when it
+    is not a measurement record."""
+    path = Path(folder) / MEASURE_DIR / MEASUREMENTS
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read it ({e})") from None
+    points = data.get("points") if isinstance(data, dict) else None
+    if not isinstance(points, list) or not all(isinstance(p, dict) and "instrument" in p and "update" in p
+                                               for p in points):
+        raise ValueError(f"{path}: not a measurement record (no list of points)")
+    return points
 
 
 def recorded_config(folder: str | Path) -> Any:

@@ -9,6 +9,8 @@ An instrument observes a run through the trainer's public hooks (`lbtrain.traine
 4. its test.
 Its results land in results.json under its name; its `state_dict()` (which must carry what `results()` needs)
 travels in every checkpoint, so a kill between the final checkpoint and results.json loses nothing.
+An instrument that can also measure after the fact (`lbtrain-measure RUN NAME`, on a finished run's checkpoints)
+has a `measure()` method (`Measurable` below); `lbtrain-measure` refuses the others.
 """
 
 from __future__ import annotations
@@ -55,6 +57,22 @@ class Instrument(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class Measurable(Protocol):
+    """An instrument that measures after the fact too (`lbtrain-measure`, lbtrain/measure.py), with the same code
+    and definitions as in the run. `measure()` measures now, at the run's current weights: `run.state.step` is
+    their update (the checkpoint's), and its TensorBoard scalars go through `run.tb.scalars(run.state.step, ...)`
+    with the tags of the run (lbtrain-measure records them in a stream of its own, beside the run's). It returns
+    the measurement as plain values (None: `results()` is recorded instead). It must not depend on what the
+    instrument measured before: lbtrain-measure builds a fresh instrument (`InstrumentSpec.build(run, node)`) for
+    each checkpoint, restores that checkpoint's model, w_0, optimizer, run state and random state, and trains
+    nothing afterwards (the model may be left as the measurement leaves it, though `untouched` is the habit).
+    An instrument that draws training batches of its own after the fact (the noise scale, which in a run uses the
+    training steps' batches) takes a keyword `batches` (how many: `lbtrain-measure --batches N`) with a default."""
+
+    def measure(self) -> dict[str, Any] | None: ...
 
 
 @dataclass(frozen=True)
@@ -128,5 +146,5 @@ def attach(run: Run) -> dict[str, Instrument]:
     return {spec.name: spec.build(run, options_of(run.cfg, spec)) for spec in requested(run.cfg)}
 
 
-__all__ = ["Run", "Instrument", "InstrumentSpec", "REGISTRY", "register", "config_keys", "requested", "check",
-           "attach"]
+__all__ = ["Run", "Instrument", "Measurable", "InstrumentSpec", "REGISTRY", "register", "config_keys", "requested",
+           "check", "attach"]

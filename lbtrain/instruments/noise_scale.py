@@ -28,6 +28,13 @@ samples; the batch is split into d = max(2, micro-batches) strided parts (each p
 under DDP, into the ranks' shares (each rank's gradient all-reduced once at the log step). Without BN it is the
 `train` measurement.
 
+After the fact (`lbtrain-measure RUN gns [--batches N]`, `measure()`): at a checkpoint's weights, N (16) batches of
+the run's batch size at that update, each drawn without replacement from the training set with a fixed seed
+(MEASURE_SEED: the same batches at every checkpoint of runs on the same training set), without augmentation; each
+batch is one measurement through the code above (micro-batches against their mean, the strided parts against the
+batch's gradient, or `bn=eval`'s parts, in one process), folded into a fresh estimator with the run's beta. The
+record names the batches (seed, count, size, a SHA-256 of their indices).
+
 Cost at the default cadence: at most one extra step's worth of passes every `log_every` updates (2% at 50); none
 under DDP in `train` mode, where the comm hook adds one norm of each gradient bucket to every step (one read of
 the gradients, ~1e-4 of a ResNet step's memory traffic) and one scalar all-reduce at log steps.
@@ -35,6 +42,7 @@ the gradients, ~1e-4 of a ResNet step's memory traffic) and one scalar all-reduc
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import torch
@@ -48,6 +56,8 @@ from lbtrain.instruments.common import untouched
 from lbtrain.instruments.gns import CI_LEVEL, CI_METHOD, GradientNoiseScale, sq_norm
 
 Measured = tuple[torch.Tensor, torch.Tensor, float, float]  # (|G_small|^2, |G_big|^2, B_small, B_big)
+MEASURE_SEED = 1812  # after the fact: the fixed draw of the batches (McCandlish et al., arXiv:1812.06162)
+MEASURE_BATCHES = 16  # after the fact: batches per measurement, by default
 
 
 def _ddp_of(model: torch.nn.Module) -> torch.nn.parallel.DistributedDataParallel | None:
@@ -204,6 +214,56 @@ class GNSProbe:
 
     def _grad_sq(self, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
         return sq_norm(self._grads_of(xs, ys))
+
+    # ------------------------------------------------------------------------------------ after the fact
+    def measure(self, batches: int = MEASURE_BATCHES) -> dict[str, Any]:
+        """B_simple at the current weights from `batches` fixed batches (see the module docstring: after the fact);
+        p.grad, the random streams, buffers and modes are as before afterwards."""
+        t = self.t
+        if not isinstance(batches, int) or batches < 1:
+            raise ValueError(f"batches must be an integer >= 1, got {batches!r}")
+        step, n = t.state.step, len(t.train_loader)
+        size = min(t.plan.batch_at(max(step - 1, 0)), n)  # the batch the run trained at, up to this update
+        gen = torch.Generator().manual_seed(MEASURE_SEED)
+        est = GradientNoiseScale(self.ema.beta, n=self.ema.n)
+        saved = [p.grad for p in t.params]
+        drawn = []
+        try:
+            with untouched(t.net, t.device):
+                t.net.train()
+                for _ in range(batches):
+                    idx = torch.randperm(n, generator=gen)[:size]
+                    drawn.append(idx)
+                    measured = self._measure_batch(*t.train_loader.samples(idx))
+                    if measured is not None:
+                        est.update(*measured)
+        finally:
+            for p, g in zip(t.params, saved):
+                p.grad = g
+        self.ema = est  # results() reads it
+        keys = ("b_simple", "b_simple_uncorrected", "b_simple_lo", "b_simple_hi", "trace_cov", "grad_norm_sq",
+                "grad_norm_sq_uncorrected")
+        values = est.values()
+        t.tb.scalars(step, {f"gns/{k}": values[k] for k in keys if values[k] is not None})
+        digest = hashlib.sha256(torch.stack(drawn).to(torch.int64).numpy().tobytes()).hexdigest()
+        return {**self.results(), "update": step, "n_eff": values["n_eff"],
+                "batches": {"count": batches, "size": size, "seed": MEASURE_SEED, "indices_sha256": digest,
+                            "augmented": False}}
+
+    def _measure_batch(self, x: torch.Tensor, y: torch.Tensor) -> Measured | None:
+        """One measurement on one batch, as a training step on it would give it in one process."""
+        t = self.t
+        if self.eval_bn:
+            return self._eval_passes(x, y)
+        n = x.shape[0]
+        parts = n // (t.micro_batch or n)
+        if parts > 1:  # each micro-batch (strided, as train_step splits) against the accumulated gradient
+            grads = [self._grads_of(x[j::parts], y[j::parts]) for j in range(parts)]
+            small = torch.stack([sq_norm(g) for g in grads]).mean()
+            return small, sq_norm(self._mean_grads(grads)), float(n // parts), float(n)
+        for p, g in zip(t.params, self._grads_of(x, y)):  # the step's gradient, where the run's passes read it
+            p.grad = g
+        return self._extra_passes(x, y)
 
     # ------------------------------------------------------------------------------------------- reporting
     def _log(self, trainer: Run, scalars: dict[str, float]) -> None:
