@@ -11,6 +11,7 @@ Run folders are `outputs/<experiment>/<name>`, `<name>` a function of the run's 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -338,6 +339,10 @@ def _record_failure(cfg: DictConfig, run_dir: Path, e: BaseException) -> None:
         return
     try:
         ident = identity(resolved(cfg))
+        if "branch" in ident:  # a branch: its parent's hash, when the parent's record reads, as a prepared one has
+            with contextlib.suppress(Exception):
+                parent = read_results(Path(str(cfg.branch.parent)) / "results.json")
+                ident["branch"]["parent_identity"] = identity_hash(parent.identity, schema_defaults())
         digest = identity_hash(ident, schema_defaults())
     except Exception:  # noqa: BLE001 - a config that does not even resolve
         ident, digest = {}, None

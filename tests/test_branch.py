@@ -187,6 +187,19 @@ def test_a_refused_branch_on_the_command_line_writes_nothing(parent, tmp_path):
     assert "branch.update=7" in line and "no kept checkpoint" in line
 
 
+def test_a_sweep_branch_refused_before_training_is_recorded_as_a_branch(parent, tmp_path):
+    """skip_bad_jobs: the job without a kept checkpoint leaves a failed record naming its parent's hash, so the report
+    counts it with the branches, not among ordinary runs."""
+    p = run_main("-m", *ARGS, f"branch.parent={parent}", "branch.update=7,90", "branch.samples=32",
+                 "skip_bad_jobs=true", "max_steps=2", cwd=tmp_path)
+    assert p.returncode in (0, 1), p.stderr[-2000:]
+    runs = find_runs([tmp_path / "outputs"])
+    failed = [r for r in runs if r.results.status == "failed"]
+    assert len(runs) == 2 and len(failed) == 1
+    parent_hash = json.loads((parent / "results.json").read_text())["identity_hash"]
+    assert failed[0].identity[analysis.PARENT_KEY] == parent_hash and analysis.split(runs)[0] == []
+
+
 # ---------------------------------------------------------------------------------------------- analysis
 def test_critical_batch_closed_form():
     ks = [1, 2, 4, 8]
