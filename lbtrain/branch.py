@@ -233,9 +233,9 @@ def batches(loader: Any, br: Branch, begin: int = 0, rank: int = 0, world: int =
         epoch, step = epoch + 1, 0
 
 
-def start(trainer: Any) -> dict[str, Any]:
-    """Load the parent's kept checkpoint into a new branch (see the module docstring for what is kept); returns
-    the parts the trainer restores itself (the weight average)."""
+def start(trainer: Any) -> None:
+    """Load the parent's kept checkpoint into a new branch (see the module docstring for what is kept). The
+    parent's instruments and target state stay the parent's: a branch starts its own."""
     import torch
 
     br: Branch = trainer.branch
@@ -243,19 +243,13 @@ def start(trainer: Any) -> dict[str, Any]:
         ckpt = load_checkpoint(br.checkpoint, required=CHECKPOINT_KEYS)
     except CheckpointError as e:
         raise ConfigError("branch.update", br.update, str(e)) from None
-    trainer.net.load_state_dict(ckpt["model"])
-    trainer.opt.load_state_dict(ckpt["optimizer"])  # momentum buffers, Adam moments and step counts
-    for w, saved in zip(trainer.w0, ckpt["w0"]):
-        w.copy_(saved)
-    if br.seed == 0:  # the parent's random state: k = 1 is the parent
-        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
-        if ckpt["rng"]["cuda"] is not None and trainer.device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), trainer.device)
-    else:
+    # weights, momentum buffers, Adam moments and step counts, w_0, the weight average; the parent's random state
+    # with seed 0 (k = 1 is the parent); the branch's own run state
+    trainer.restore(ckpt, run_state=False, rng=br.seed == 0)
+    if br.seed != 0:
         torch.manual_seed(br.data_seed)
     log.info("branching from %s at update %d: batch %d x %d = %d, LR %.4g (%s rule from %.4g), %d updates",
              br.checkpoint, br.update, br.k, br.parent_batch, br.batch, br.lr, br.rule, br.parent_lr, br.updates)
-    return {key: ckpt[key] for key in ("ewa",) if key in ckpt}
 
 
 class TailLoss:

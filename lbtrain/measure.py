@@ -234,28 +234,6 @@ def definitions(cfg: Any, names: Sequence[str], batches: int | None) -> list[Def
 
 
 # ------------------------------------------------------------------------------------------- measuring
-def _restore(t: Any, state: dict[str, Any]) -> None:
-    """The checkpoint's model, optimizer, w_0, run state and weight average into the set-up trainer."""
-    import torch
-
-    t.net.load_state_dict(state["model"])
-    t.opt.load_state_dict(state["optimizer"])
-    with torch.no_grad():
-        for w, saved in zip(t.w0, state["w0"]):
-            w.copy_(saved)
-    t.state.load_state_dict(state["state"])
-    if t.ewa is not None and "ewa" in state:
-        t.ewa.load_state_dict(state["ewa"])
-
-
-def _set_rng(t: Any, state: dict[str, Any]) -> None:
-    import torch
-
-    torch.set_rng_state(state["rng"]["torch"].cpu())
-    if state["rng"].get("cuda") is not None and t.device.type == "cuda":
-        torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), t.device)
-
-
 def _plain(obj: Any) -> Any:
     """`obj` as JSON values (tensors and numpy scalars as lists / numbers)."""
     if isinstance(obj, dict):
@@ -272,12 +250,11 @@ def measure_one(t: Any, state: dict[str, Any], d: Definition) -> tuple[Any, dict
     checkpoint's state and random state; the global random state is as before afterwards."""
     import torch
 
-    _restore(t, state)
     t.hooks = type(t.hooks)()  # (what the instrument attaches is never called: nothing is trained)
     recorder = _Recorder()
     t.tb = recorder
     with torch.random.fork_rng(devices=[t.device] if t.device.type == "cuda" else []):
-        _set_rng(t, state)
+        t.restore(state)  # the checkpoint's model, optimizer, w_0, run state, weight average and random state
         inst = d.spec.build(t, d.node)
         start = time.perf_counter()
         result = inst.measure(**d.settings)

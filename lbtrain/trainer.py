@@ -300,7 +300,7 @@ class Trainer:
         checkpoint = None if self.folder.final else self._resume()
         self.resumed_from = checkpoint is not None
         if self.branch and not self.resumed_from and not self.folder.final:  # a new branch: the parent's state
-            checkpoint = branching.start(self)
+            branching.start(self)
         self.model = model
         if self.dist.enabled:
             # Buffers are not broadcast from rank 0: each rank updates BN running stats from its own (ghost)
@@ -327,8 +327,6 @@ class Trainer:
             self.eval_steps |= self.target_steps
         if self.bound and checkpoint and "target_bound" in checkpoint:
             self.bound.load_state_dict(checkpoint["target_bound"])
-        if self.ewa and checkpoint and "ewa" in checkpoint:
-            self.ewa.load_state_dict(checkpoint["ewa"])
         self.instruments = instruments.attach(self)
         if self.branch:  # its smoothed loss, kept like an instrument's results and state
             self.instruments["branch"] = branching.TailLoss(self, DIVERGENCE_BLOCK)
@@ -390,20 +388,31 @@ class Trainer:
         if ckpt is None:  # prepared without verification: load it now
             ckpt = load_checkpoint(path, required=CHECKPOINT_KEYS)
         self.prepared = replace(self.prepared, checkpoint=None)  # not kept twice in memory
-        self.net.load_state_dict(ckpt["model"])
-        self.opt.load_state_dict(ckpt["optimizer"])
-        for w, saved in zip(self.w0, ckpt["w0"]):
-            w.copy_(saved)
-        self.state.load_state_dict(ckpt["state"])
+        self.restore(ckpt)
         if self.state.status not in FINAL:
             self.state.status = "running"  # an interrupted (or failed) attempt goes on
         if not self.dist.main:  # rank 0 carries the sums of all ranks (see save)
             self.state.acc.zero_()
-        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
-        if ckpt["rng"]["cuda"] is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), self.device)
         log.info("resuming %s from update %d", path, self.state.step)
         return ckpt
+
+    @torch.no_grad()
+    def restore(self, ckpt: dict[str, Any], *, run_state: bool = True, rng: bool = True) -> None:
+        """A checkpoint's training state into this set-up trainer: the model, the optimizer (momentum buffers, Adam
+        moments and step counts), w_0 and the weight average; with `run_state` its `RunState`, with `rng` its random
+        state. What resuming, a branch (`lbtrain.branch.start`) and `lbtrain-measure` load."""
+        self.net.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        for w, saved in zip(self.w0, ckpt["w0"]):
+            w.copy_(saved)
+        if self.ewa is not None and "ewa" in ckpt:
+            self.ewa.load_state_dict(ckpt["ewa"])
+        if run_state:
+            self.state.load_state_dict(ckpt["state"])
+        if rng:
+            torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+            if ckpt["rng"]["cuda"] is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), self.device)
 
     # -------------------------------------------------------------------------------------------- one update
     def train_step(self, x: torch.Tensor, y: torch.Tensor, log_now: bool) -> None:
