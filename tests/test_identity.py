@@ -49,7 +49,9 @@ def test_run_only_keys_are_not_identity():
                      "resume=/some/checkpoint.pt", "eval_per_decade=5", "gns=true", "sharpness.every_epochs=1",
                      "sharpness.samples=64", "layer_distance=true", "regime.label=X", "regime.rank=3",
                      "skip_bad_jobs=true", "checkpoint.keep=[5]", "checkpoint.keep_per_decade=2",
-                     "gns_options.bn=eval", "gns_options.beta=0.9"):
+                     "gns_options.bn=eval", "gns_options.beta=0.9", "target.log_all=true", "eval_test=false",
+                     "sharpness.bn=eval", "sharpness.bn_batch=32", "sharpness.top_k=2", "sharpness.every_steps=5",
+                     "sharpness.per_decade=3", "sharpness.batch_batches=2"):
         assert ident(override) == base, override
     for override in ("seed=1", "batch=32", "base.lr=0.2", "regime=adapt", "precision=bf16", "max_steps=9",
                      "dataset.subset=500", "epochs=2", "optimizer=lars", "optimizer.eps=1e-6",
