@@ -168,6 +168,26 @@ def test_ewa_survives_an_interruption_bit_for_bit(tmp_path):
     assert res["final_val_error"] is not None
 
 
+def test_a_stop_at_target_survives_an_interruption_bit_for_bit(tmp_path):
+    """Killed between two target points and resumed: the same crossing, the same weights and the same hardest-first
+    order (it travels in the checkpoint) as the run that was never interrupted."""
+    from lbtrain.checkpoint import load_checkpoint
+
+    args = ("target.error=0.12", "checkpoint.every_steps=7", "deterministic=true")
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    ref.mkdir(), cut.mkdir()
+    assert run_cli(*args, cwd=ref).returncode == 0
+    p = run_cli(*args, cwd=cut, env={"LBTRAIN_TEST_SIGNAL": "SIGTERM@20"})
+    assert p.returncode == 128 + signal.SIGTERM, p.stderr[-2000:]
+    assert run_cli(*args, cwd=cut).returncode == 0
+    runs = [only_run(d / "outputs" / "digits") for d in (ref, cut)]
+    a, b = (json.loads((r / "results.json").read_text()) for r in runs)
+    assert a["target"]["reached"] and a["target"] == b["target"] and a["updates"] == b["updates"] > 20
+    ca, cb = (load_checkpoint(r / "checkpoint.pt") for r in runs)
+    assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
+    assert torch.equal(ca["target_bound"]["scores"], cb["target_bound"]["scores"])
+
+
 def test_target_keys_are_checked():
     from lbtrain.config import ConfigError, validate
 
